@@ -1,0 +1,45 @@
+"""Backends behind one call: ``backend(**named_inputs) -> {output_name: tensor}``.
+
+Each backend is chosen per component by :class:`~vpure.runtime.runconfig.ComponentChoice`;
+callers never branch on which one they got. Inputs and outputs are float32 (or the
+declared dtype) whatever the compute precision.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ..errors import BackendUnavailable
+from ..registry import ComponentSpec
+from ..runconfig import ComponentChoice
+from .base import Backend
+
+# backend name -> "module:factory"; a factory is (spec, choice, *, module, device, engines_dir).
+_FACTORIES: dict[str, str] = {
+    "torch": "vpure.runtime.backends.torch_backend:create",
+}
+
+
+def register_backend(name: str, factory: str) -> None:
+    _FACTORIES[name] = factory
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(_FACTORIES)
+
+
+def create_backend(spec: ComponentSpec, choice: ComponentChoice, *, module: Any = None,
+                   device: str = "cpu", engines_dir: Any = None) -> Backend:
+    ref = _FACTORIES.get(choice.backend)
+    if ref is None:
+        raise BackendUnavailable(
+            f"component {spec.name!r}: backend {choice.backend!r} is not available in this vpure; "
+            f"available: {', '.join(_FACTORIES)}"
+        )
+    mod, _, fn = ref.partition(":")
+    factory = getattr(importlib.import_module(mod), fn)
+    return factory(spec, choice, module=module, device=device, engines_dir=engines_dir)
+
+
+__all__ = ["Backend", "backend_names", "create_backend", "register_backend"]

@@ -1,0 +1,51 @@
+"""Eager torch execution of a registered component (the reference backend)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import BackendUnavailable, ConfigError
+from ..precision import Precision
+from ..registry import ComponentSpec
+from ..runconfig import ComponentChoice
+from .base import check_inputs
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, spec: ComponentSpec, module: torch.nn.Module, precision: Precision = Precision.FP32,
+                 device: str = "cpu"):
+        if precision is Precision.INT8:
+            raise BackendUnavailable(
+                f"component {spec.name!r}: the torch backend does not run int8; build an int8 engine with "
+                f"`vpure export --precision int8` and select backend 'onnxruntime' or 'tensorrt'"
+            )
+        self.spec = spec
+        self.precision = precision
+        self.device = torch.device(device)
+        self.dtype = precision.torch_dtype
+        self.module = module.to(self.device, self.dtype).eval()
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        check_inputs(self.spec, inputs)
+        args = []
+        for t in self.spec.inputs:
+            x = inputs[t.name].to(self.device, non_blocking=True)
+            args.append(x.to(self.dtype) if x.is_floating_point() else x)
+        with torch.inference_mode():
+            out = self.module(*args)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        if len(outs) != len(self.spec.outputs):
+            raise ConfigError(f"component {self.spec.name!r}: module returned {len(outs)} outputs, "
+                              f"the registry declares {self.spec.output_names}")
+        return {t.name: (o.float() if o.is_floating_point() else o) for t, o in zip(self.spec.outputs, outs)}
+
+
+def create(spec: ComponentSpec, choice: ComponentChoice, *, module: Any = None, device: str = "cpu",
+           engines_dir: Any = None) -> TorchBackend:
+    if module is None:
+        raise ConfigError(f"component {spec.name!r}: the torch backend needs a module (build or load one)")
+    return TorchBackend(spec, module, choice.precision, device)

@@ -1,0 +1,59 @@
+"""The ``vpure`` command line (console script and ``python -m vpure``).
+
+Argument parsing lives here only. Each subcommand is a module with
+``add_arguments(parser)`` and ``run(args) -> int``; the table below names them, and a
+subcommand's heavy imports happen inside its ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import VpureError
+
+# name -> (module, one-line help). Later subcommands (export, run, bench, eval,
+# calibrate, demo) add a row here and a module beside info.py (export's lives in
+# vpure.export, which the runtime itself never imports).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("vpure.runtime.cli.info", "versions, backends, kernel implementations, devices and components"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="vpure",
+        description="Defend video recognisers against adversarial clips: detection gate, temporal "
+                    "defence and VideoPure purification, on torch, ONNX Runtime or TensorRT.",
+    )
+    parser.add_argument("--version", action="version", version=f"vpure {__version__}")
+    parser.add_argument("--log-level", default=None, metavar="LEVEL",
+                        help="DEBUG, INFO, WARNING (default, or VPURE_LOG_LEVEL), ERROR")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..log import configure_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        configure_logging(args.log_level)
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except VpureError as e:
+        print(f"vpure {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vpure {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,34 @@
+"""Typed errors. Every message names the offending input and what was expected."""
+
+from __future__ import annotations
+
+
+class VpureError(Exception):
+    """Base class of every error vpure raises on purpose."""
+
+
+class ConfigError(VpureError, ValueError):
+    """A configuration value or file is invalid (field named in the message)."""
+
+
+class InputError(VpureError, ValueError):
+    """A tensor, clip or file given to vpure has the wrong shape, dtype, range or content."""
+
+
+class CheckpointError(VpureError):
+    """A checkpoint or model folder is missing, malformed or does not fit the architecture."""
+
+
+class ArtifactError(VpureError):
+    """An exported engine or its sidecar is missing, tampered with, or does not match the request."""
+
+
+class BackendUnavailable(VpureError, RuntimeError):
+    """The requested backend, kernel implementation or device is not available here."""
+
+
+class UnknownComponent(VpureError, KeyError):
+    """A component name that is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the sentence readable
+        return str(self.args[0]) if self.args else ""

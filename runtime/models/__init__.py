@@ -1,0 +1,1 @@
+"""Networks the runtime executes. Each module registers its components on import."""

@@ -1,0 +1,68 @@
+"""ComDefend (Jia et al., CVPR 2019), the light spatial defence for dense attacks.
+
+ComCNN compresses each frame into a 12-channel code which is binarised at inference;
+RecCNN rebuilds the frame from the code. During training Gaussian noise is added to the
+code logits before the sigmoid so the code learns to be binary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..registry import ComponentSpec, Role, TensorSpec, register
+
+COM_WIDTHS = (16, 32, 64, 128, 256, 128, 64, 32)
+REC_WIDTHS = (32, 64, 128, 256, 128, 64, 32, 16)
+CODE_CHANNELS = 12
+
+
+def _stack(cin: int, widths, cout: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for w in widths:
+        layers += [nn.Conv2d(cin, w, 3, 1, 1), nn.ELU(inplace=True)]
+        cin = w
+    layers.append(nn.Conv2d(cin, cout, 3, 1, 1))
+    return nn.Sequential(*layers)
+
+
+class ComDefend(nn.Module):
+    """frames (B, 3, T, H, W) in [0, 1] -> reconstructed frames, same shape, in [0, 1]."""
+
+    def __init__(self, com_widths=COM_WIDTHS, rec_widths=REC_WIDTHS, code_channels: int = CODE_CHANNELS,
+                 noise_std: float = 20.0):
+        super().__init__()
+        self.com = _stack(3, com_widths, code_channels)
+        self.rec = _stack(code_channels, rec_widths, 3)
+        self.noise_std = noise_std
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Frames (N, 3, H, W) -> code (N, 12, H, W): binary in eval, soft (noisy) in training."""
+        logits = self.com(x * 2.0 - 1.0)
+        if self.training:
+            return torch.sigmoid(logits + self.noise_std * torch.randn_like(logits))
+        return (logits > 0).to(x.dtype)  # sigmoid(l) > 0.5  <=>  l > 0
+
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.rec(code))
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = frames.shape
+        x = frames.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        y = self.decode(self.encode(x))
+        return y.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def tiny_comdefend() -> ComDefend:
+    return ComDefend(com_widths=(8, 16), rec_widths=(16, 8))
+
+
+register(ComponentSpec(
+    name="comdefend", role=Role.COMDEFEND,
+    inputs=(TensorSpec("frames", ("B", 3, "T", "H", "W")),),
+    outputs=(TensorSpec("purified", ("B", 3, "T", "H", "W")),),
+    profile={"B": (1, 1, 2), "T": (1, 4, 16), "H": (32, 64, 64), "W": (32, 64, 64)},
+    build_tiny=f"{__name__}:tiny_comdefend",
+    exporter="legacy", exporter_reason="plain conv graph; tracing is stable",
+    doc="ComCNN + binarised code + RecCNN, per frame",
+))

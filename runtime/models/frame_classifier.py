@@ -1,0 +1,86 @@
+"""Per-frame 2D classifier for the detection gate (spec/detection.md).
+
+A ResNet-style network (BasicBlock, torchvision module names, so ImageNet-layout
+ResNet-18/34 state dicts load) applied to every frame of a clip, frames batched over
+time. widths (64, 128, 256, 512) with depths (2, 2, 2, 2) is ResNet-18.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..registry import ComponentSpec, Role, TensorSpec, register
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idt = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + idt)
+
+
+class FrameClassifier(nn.Module):
+    """frames (B, 3, T, H, W) in [0, 1] -> per-frame logits (B, T, num_classes)."""
+
+    def __init__(self, num_classes: int, widths=(64, 128, 256, 512), depths=(2, 2, 2, 2),
+                 stem_width: int = 64, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.num_classes = num_classes
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.conv1 = nn.Conv2d(3, stem_width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = stem_width
+        for i, (w, d) in enumerate(zip(widths, depths)):
+            blocks = [BasicBlock(cin if j == 0 else w, w, (1 if i == 0 else 2) if j == 0 else 1) for j in range(d)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = w
+        self.n_layers = len(widths)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = frames.shape
+        x = frames.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        x = (x - self.mean) / self.std
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(self.n_layers):
+            x = getattr(self, f"layer{i + 1}")(x)
+        x = self.fc(torch.flatten(self.avgpool(x), 1))
+        return x.reshape(b, t, self.num_classes)
+
+
+def resnet18_frame_classifier(num_classes: int) -> FrameClassifier:
+    return FrameClassifier(num_classes)
+
+
+def tiny_frame_classifier() -> FrameClassifier:
+    return FrameClassifier(num_classes=5, widths=(8, 16), depths=(1, 1), stem_width=8)
+
+
+register(ComponentSpec(
+    name="frame_classifier", role=Role.FRAME_CLASSIFIER,
+    inputs=(TensorSpec("frames", ("B", 3, "T", "H", "W")),),
+    outputs=(TensorSpec("logits", ("B", "T", "K")),),
+    profile={"B": (1, 1, 2), "T": (1, 4, 16), "H": (64, 64, 64), "W": (64, 64, 64), "K": (5, 5, 5)},
+    build_tiny=f"{__name__}:tiny_frame_classifier",
+    exporter="legacy", exporter_reason="plain conv graph; tracing is stable",
+    doc="ResNet-style per-frame classifier; exception index input",
+))

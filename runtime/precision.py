@@ -1,0 +1,69 @@
+"""Precision is one enum; int8 comes with a calibration recipe."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import dataclass
+
+from .config import ConfigBase, check
+from .errors import ConfigError
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+
+    @classmethod
+    def parse(cls, value: "str | Precision") -> "Precision":
+        if isinstance(value, Precision):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            raise ConfigError(
+                f"precision {value!r} is not one of {', '.join(p.value for p in cls)}"
+            ) from None
+
+    @property
+    def torch_dtype(self):
+        """Compute dtype for torch execution; int8 has none (it is an engine precision)."""
+        import torch
+
+        return {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}.get(self)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass(frozen=True)
+class CalibrationRecipe(ConfigBase):
+    """How int8 scales were measured; its ``id`` goes into engine names and sidecars.
+
+    ``source`` is ``"random"`` (samples drawn from each input's declared range) or
+    ``"clips:<folder>"`` (decoded clips from a folder).
+    """
+
+    source: str = "random"
+    count: int = 16
+    method: str = "minmax"
+    percentile: float = 99.99
+    seed: int = 0
+
+    def validate(self) -> None:
+        check(self.count >= 1, f"CalibrationRecipe.count must be >= 1, got {self.count}")
+        check(self.method in CALIBRATION_METHODS, f"CalibrationRecipe.method {self.method!r} is not one of {CALIBRATION_METHODS}")
+        check(0.0 < self.percentile <= 100.0, f"CalibrationRecipe.percentile must be in (0, 100], got {self.percentile}")
+        check(self.source == "random" or self.source.startswith("clips:"),
+              f"CalibrationRecipe.source {self.source!r} must be 'random' or 'clips:<folder>'")
+
+    @property
+    def id(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return f"{self.method}{self.count}-{hashlib.sha256(blob).hexdigest()[:8]}"

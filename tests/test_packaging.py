@@ -1,0 +1,80 @@
+"""Layout and namespace: vpure.* only, editable and wheel installs both import."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, cwd: Path, env: dict | None = None, exe: str = sys.executable) -> str:
+    out = subprocess.run([exe, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_installed_files_are_under_vpure_only():
+    files = [str(f) for f in md.distribution("vpure").files or [] if not str(f).startswith("../")]
+    # An editable install adds its import hook (a .pth and one _editable* module) beside vpure/.
+    editable_hook = [f for f in files if f.endswith(".pth") or "_editable" in f.split("/")[-1]]
+    tops = {f.split("/")[0] for f in files if f not in editable_hook}
+    bad = sorted(t for t in tops if t != "vpure" and not t.startswith("vpure-"))
+    assert not bad, f"vpure installs top-level names other than vpure: {bad}"
+
+
+def test_editable_install_imports_namespace_only(tmp_path):
+    code = (
+        "import importlib.util, vpure.runtime, vpure.kernels, vpure.export, vpure.kernels._native\n"
+        "for bare in ('runtime', 'kernels', 'export'):\n"
+        "    assert importlib.util.find_spec(bare) is None, bare\n"
+        "print('ok')\n"
+    )
+    assert _run(code, cwd=tmp_path).strip() == "ok"
+
+
+def test_python_dash_m_vpure(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "vpure", "--version"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("vpure ")
+
+
+@pytest.mark.slow
+def test_wheel_builds_and_installs(tmp_path):
+    wheel_dir = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(wheel_dir), "-C", f"build-dir={tmp_path / 'build'}"],
+        capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = wheel_dir.glob("vpure-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"vpure", f"vpure-{md.version('vpure')}.dist-info"}, tops
+    assert any(n.startswith("vpure/kernels/_native") for n in names), "native extension missing from wheel"
+    assert "vpure/__main__.py" in names and "vpure/runtime/__init__.py" in names
+    assert not any(n.endswith((".cpp", ".h", ".inc")) for n in names)
+
+    # A clean environment that sees this venv's dependencies but not the editable install.
+    env_dir = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    py = env_dir / "bin" / "python"
+    site = Path(_run("import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path, exe=str(py)).strip())
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True)
+    code = ("import vpure.runtime, vpure.kernels, vpure.kernels._native as n\n"
+            f"assert vpure.runtime.__file__.startswith({str(site)!r}), vpure.runtime.__file__\n"
+            "print(n.build_info()['openmp'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    _run(code, cwd=tmp_path, env=env, exe=str(py))
+    out = subprocess.run([str(py), "-m", "vpure", "info", "--json"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
