@@ -1,11 +1,21 @@
 """vpure.kernels: the hot loops (warp-L1 loss/gradient, block matching, integer DCT).
 
-Depends on torch (and triton, imported lazily) only. Every op has a float64 ``_ref``
-oracle, a Triton kernel for CUDA, a native C++ CPU implementation and a vectorised torch
-implementation; the public function takes ``impl="auto"``.
+Depends on torch (and triton, imported lazily) only. Each op module follows one order:
+``<op>_ref`` (float64 oracle), Triton launcher (its ``@triton.jit`` kernels live in
+``_triton_<op>.py``, imported only when the Triton path runs, so importing vpure never
+imports triton), autograd wrapper where gradients are needed, native C++ and torch
+implementations, then the public ``<op>(..., impl="auto")``.
 """
 
 from ._dispatch import IMPLS, available_impls, native
+from .block_match import block_match
 from .errors import KernelError, KernelUnavailable
+from .intdct import dequantize, forward_transform, inverse_transform, quantize, quantize_residual
+from .motion import motion_compensate
+from .warp_l1 import warp_l1, warp_l1_grad
 
-__all__ = ["IMPLS", "KernelError", "KernelUnavailable", "available_impls", "native"]
+__all__ = [
+    "IMPLS", "KernelError", "KernelUnavailable", "available_impls", "block_match", "dequantize",
+    "forward_transform", "inverse_transform", "motion_compensate", "native", "quantize", "quantize_residual",
+    "warp_l1", "warp_l1_grad",
+]
