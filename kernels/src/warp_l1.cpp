@@ -11,6 +11,8 @@
 #include <nanobind/ndarray.h>
 
 #include <cmath>
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -23,28 +25,18 @@ namespace {
 
 using In5 = nb::ndarray<const float, nb::ndim<5>, nb::c_contig, nb::device::cpu>;
 
-struct Corner {
-  int64_t idx[4];
-  float wt[4];
-  bool ok[4];
-};
-
-inline Corner corners(int64_t y, int64_t x, float fx, float fy, int64_t h, int64_t w) {
-  const float sx = (float)x + fx, sy = (float)y + fy;
-  const float x0f = std::floor(sx), y0f = std::floor(sy);
-  const float ax = sx - x0f, ay = sy - y0f;
-  const int64_t x0 = (int64_t)x0f, y0 = (int64_t)y0f;
-  Corner c;
-  const int64_t xs[2] = {x0, x0 + 1}, ys[2] = {y0, y0 + 1};
-  const float wx[2] = {1.0f - ax, ax}, wy[2] = {1.0f - ay, ay};
-  for (int k = 0; k < 4; ++k) {
-    const int64_t yy = ys[k >> 1], xx = xs[k & 1];
-    c.ok[k] = (yy >= 0 && yy < h && xx >= 0 && xx < w);
-    c.idx[k] = c.ok[k] ? yy * w + xx : 0;
-    c.wt[k] = wy[k >> 1] * wx[k & 1];
-  }
-  return c;
-}
+#define VPURE_NS base
+#include "warp_l1_impl.inc"
+#undef VPURE_NS
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define VPURE_NS avx2
+#include "warp_l1_impl.inc"
+#undef VPURE_NS
+#pragma GCC pop_options
+#define VPURE_WARP_AVX2 1
+#endif
 
 nb::tuple warp_l1_grad_impl(In5 x, In5 flow, bool detach_warp, bool need_grad) {
   const int64_t B = x.shape(0), C = x.shape(1), T = x.shape(2), h = x.shape(3), w = x.shape(4);
@@ -63,33 +55,44 @@ nb::tuple warp_l1_grad_impl(In5 x, In5 flow, bool detach_warp, bool need_grad) {
   {
     nb::gil_scoped_release nogil;
     const float s_pos = (float)inv_n;
-#pragma omp parallel for schedule(static)
-    for (int64_t task = 0; task < pairs; ++task) {
-      const int64_t b = task / (T - 1), i = task % (T - 1);
-      const float *fx = F + ((b * (T - 1) + i) * 2) * hw, *fy = fx + hw;
-      double acc = 0.0;
-      for (int64_t p = 0; p < hw; ++p) {
-        const Corner cn = corners(p / w, p % w, fx[p], fy[p], h, w);
+#ifdef VPURE_WARP_AVX2
+    const bool avx2 = vpure::cpu_has_avx2();
+#endif
+#pragma omp parallel
+    {
+      std::vector<int32_t> idx((size_t)(4 * hw));
+      std::vector<float> wt((size_t)(4 * hw)), absd((size_t)hw);
+#pragma omp for schedule(static)
+      for (int64_t task = 0; task < pairs; ++task) {
+        const int64_t b = task / (T - 1), i = task % (T - 1);
+        const float *fx = F + ((b * (T - 1) + i) * 2) * hw, *fy = fx + hw;
+#ifdef VPURE_WARP_AVX2
+        if (avx2) avx2::pair_corners(fx, fy, h, w, idx.data(), wt.data());
+        else
+#endif
+          base::pair_corners(fx, fy, h, w, idx.data(), wt.data());
+        std::fill(absd.begin(), absd.end(), 0.0f);
         for (int64_t c = 0; c < C; ++c) {
           const int64_t base_i = ((b * C + c) * T + i) * hw, base_n = base_i + hw;
-          const float *xn = X + base_n;
-          float v = 0.0f;
-          for (int k = 0; k < 4; ++k)
-            if (cn.ok[k]) v += cn.wt[k] * xn[cn.idx[k]];
-          const float d = v - X[base_i + p];
-          acc += std::fabs((double)d);
-          if (need_grad) {
-            const float s = d > 0.0f ? s_pos : (d < 0.0f ? -s_pos : 0.0f);
-            grad[base_i + p] = -s;  // only pair i writes frame i's direct term
-            if (!detach_warp && s != 0.0f) {
-              float *sn = scatter.data() + base_n;
-              for (int k = 0; k < 4; ++k)
-                if (cn.ok[k]) sn[cn.idx[k]] += s * cn.wt[k];
+          float *gi = need_grad ? grad + base_i : nullptr;
+#ifdef VPURE_WARP_AVX2
+          if (avx2) avx2::pair_channel(X + base_i, X + base_n, idx.data(), wt.data(), hw, absd.data(), gi, s_pos);
+          else
+#endif
+            base::pair_channel(X + base_i, X + base_n, idx.data(), wt.data(), hw, absd.data(), gi, s_pos);
+          if (gi && !detach_warp) {  // sequential within the task: deterministic
+            float *sn = scatter.data() + base_n;
+            for (int k = 0; k < 4; ++k) {
+              const int32_t *ik = idx.data() + k * hw;
+              const float *wk = wt.data() + k * hw;
+              for (int64_t p = 0; p < hw; ++p) sn[ik[p]] -= gi[p] * wk[p];  // -gi = sign(d)/n
             }
           }
         }
+        double acc = 0.0;
+        for (int64_t p = 0; p < hw; ++p) acc += (double)absd[(size_t)p];
+        partial[(size_t)task] = acc;
       }
-      partial[(size_t)task] = acc;
     }
     if (need_grad && !detach_warp) {
 #pragma omp parallel for schedule(static)

@@ -1,0 +1,164 @@
+"""The one benchmark harness: parity first, then timing, ratios against a reference.
+
+A benchmark is a reference :class:`Case` and candidate cases measured in the same run.
+Each candidate's output is checked against the reference output before it is timed (the
+parity column); timing runs warm-up calls, then repeats until both a minimum count and a
+minimum time are reached, synchronising CUDA around each call. Rows print as a table with
+p50/p90/p99 and ``speedup = reference p50 / case p50`` and are appended to a CSV keyed by
+machine, commit and library versions.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import importlib.metadata as md
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+CSV_FIELDS = ("timestamp", "machine", "device", "commit", "torch", "vpure", "group", "config", "case",
+              "p50_ms", "p90_ms", "p99_ms", "n", "speedup_vs_ref", "reference", "parity", "note")
+
+
+@dataclass
+class Case:
+    name: str
+    fn: Callable[[], Any]
+    # parity(output, reference_output) -> short text ("exact", "max|d|=3e-7"); raise on failure.
+    parity: Callable[[Any, Any], str] | None = None
+    note: str = ""
+
+
+@dataclass
+class Row:
+    case: str
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    n: int
+    speedup: float
+    parity: str
+    note: str = ""
+    samples_ms: list[float] = field(default_factory=list, repr=False)
+
+
+def machine_id() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} x{os.cpu_count()}"
+
+
+def device_name(device: str = "cpu") -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], Any], *, device: str = "cpu", warmup: int = 2, min_iters: int = 5,
+            min_time_s: float = 0.5, max_iters: int = 1000) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < max_iters and (len(samples) < min_iters or time.perf_counter() - start < min_time_s):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def _pct(samples: list[float], q: float) -> float:
+    if len(samples) == 1:
+        return samples[0]
+    return statistics.quantiles(samples, n=100, method="inclusive")[int(q) - 1]
+
+
+def run(group: str, config: str, reference: Case, cases: list[Case], *, device: str = "cpu",
+        csv_path: str | Path | None = None, **timing: Any) -> list[Row]:
+    """Time ``reference`` and ``cases`` (parity first); print and optionally append to CSV."""
+    ref_out = reference.fn()
+    rows: list[Row] = []
+    ref_samples = time_fn(reference.fn, device=device, **timing)
+    ref_p50 = statistics.median(ref_samples)
+    rows.append(Row(reference.name + " (ref)", ref_p50, _pct(ref_samples, 90), _pct(ref_samples, 99),
+                    len(ref_samples), 1.0, "reference", reference.note, ref_samples))
+    for case in cases:
+        try:
+            parity = case.parity(case.fn(), ref_out) if case.parity else "unchecked"
+        except AssertionError as e:
+            rows.append(Row(case.name, float("nan"), float("nan"), float("nan"), 0, float("nan"),
+                            f"FAIL: {e}", case.note))
+            continue  # a result that is wrong is not worth timing
+        s = time_fn(case.fn, device=device, **timing)
+        p50 = statistics.median(s)
+        rows.append(Row(case.name, p50, _pct(s, 90), _pct(s, 99), len(s), ref_p50 / p50, parity, case.note, s))
+    print_table(group, config, rows)
+    if csv_path is not None:
+        append_csv(csv_path, group, config, reference.name, rows, device)
+    return rows
+
+
+def print_table(group: str, config: str, rows: list[Row]) -> None:
+    print(f"\n## {group} [{config}]")
+    print(f"{'case':<34} {'p50 ms':>10} {'p90 ms':>10} {'p99 ms':>10} {'n':>5} {'speedup':>9}  parity")
+    for r in rows:
+        print(f"{r.case:<34} {r.p50_ms:>10.3f} {r.p90_ms:>10.3f} {r.p99_ms:>10.3f} {r.n:>5} {r.speedup:>8.2f}x  "
+              f"{r.parity}{'  (' + r.note + ')' if r.note else ''}")
+
+
+def append_csv(path: str | Path, group: str, config: str, reference: str, rows: list[Row], device: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+
+    def version(dist: str) -> str:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return ""
+
+    common = {"timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine_id(), "device": device_name(device), "commit": git_commit(),
+              "torch": version("torch"), "vpure": version("vpure"), "group": group, "config": config,
+              "reference": reference}
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow(common | {"case": r.case, "p50_ms": f"{r.p50_ms:.4f}", "p90_ms": f"{r.p90_ms:.4f}",
+                                 "p99_ms": f"{r.p99_ms:.4f}", "n": r.n, "speedup_vs_ref": f"{r.speedup:.3f}",
+                                 "parity": r.parity, "note": r.note})
+    return path
