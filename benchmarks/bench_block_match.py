@@ -15,7 +15,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from vpure.kernels.block_match import block_match_native, block_match_torch
+from vpure.kernels.block_match import block_match_native, block_match_torch, block_match_triton
 from vpure.runtime import benchmark
 
 from .footage import load_clip
@@ -108,6 +108,13 @@ def main(argv=None) -> None:
 
     for r in args.radius:
         cfg = f"{args.clip} 31 pairs 224x224 RGB u8 block 8 radius {r}"
+        if torch.cuda.is_available():  # GPU figures go to the same CSV with the GPU's name
+            gc, gr = cur.cuda(), ref.cuda()
+            benchmark.run("block_match", cfg + " cuda",
+                          benchmark.Case("torch-cuda", lambda: block_match_torch(gc, gr, 8, r)),
+                          [benchmark.Case("triton-cuda", lambda: block_match_triton(gc, gr, 8, r),
+                                          lambda o, ro: exact(tuple(t.cpu() for t in o), tuple(t.cpu().numpy() for t in ro)))],
+                          device="cuda", csv_path=args.csv, min_iters=20, min_time_s=1.0)
         benchmark.run("block_match", cfg,
                       benchmark.Case("numpy-vectorised", lambda: numpy_baseline(cur.numpy(), ref.numpy(), 8, r)),
                       [benchmark.Case("native", lambda: block_match_native(cur, ref, 8, r), exact),

@@ -10,7 +10,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from vpure.kernels.warp_l1 import warp_l1_grad_native, warp_l1_grad_torch
+from vpure.kernels.warp_l1 import warp_l1_grad_native, warp_l1_grad_torch, warp_l1_grad_triton
 from vpure.runtime import benchmark
 
 SHAPES = [(1, 4, 32, 28, 28), (1, 4, 16, 64, 64)]
@@ -20,7 +20,8 @@ def autograd_grid_sample(x: torch.Tensor, flow: torch.Tensor):
     """What the released code does: grid_sample warp, L1 mean per pair, backward."""
     b, c, t, h, w = x.shape
     xr = x.detach().clone().requires_grad_(True)
-    gy, gx = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
+    gy, gx = torch.meshgrid(torch.arange(h, dtype=x.dtype, device=x.device),
+                            torch.arange(w, dtype=x.dtype, device=x.device), indexing="ij")
     fl = flow.reshape(b * (t - 1), 2, h, w)
     grid = torch.stack([2 * (gx + fl[:, 0]) / (w - 1) - 1, 2 * (gy + fl[:, 1]) / (h - 1) - 1], -1)
     nxt = xr[:, :, 1:].transpose(1, 2).reshape(b * (t - 1), c, h, w).detach()
@@ -52,6 +53,13 @@ def main(argv=None) -> None:
                       [benchmark.Case("native", lambda: warp_l1_grad_native(x, flow), parity),
                        benchmark.Case("torch-fused", lambda: warp_l1_grad_torch(x, flow), parity)],
                       csv_path=args.csv, min_iters=20, min_time_s=1.0)
+        if torch.cuda.is_available():  # one Triton launch per call: expect launch-bound figures
+            xc, fc = x.cuda(), flow.cuda()
+            benchmark.run("warp_l1_grad", f"x{shape} detach_warp=True cuda",
+                          benchmark.Case("autograd-grid_sample-cuda", lambda: autograd_grid_sample(xc, fc)),
+                          [benchmark.Case("triton-cuda", lambda: warp_l1_grad_triton(xc, fc),
+                                          lambda o, r: parity(tuple(t.cpu() for t in o), tuple(t.cpu() for t in r)))],
+                          device="cuda", csv_path=args.csv, min_iters=50, min_time_s=1.0)
 
 
 if __name__ == "__main__":

@@ -42,14 +42,18 @@ inline bool better(S sad, int dy, int dx, S best, int bdy, int bdx) {
 }
 
 #define VPURE_NS base
+#define VPURE_AVX2 0
 #include "block_match_impl.inc"
+#undef VPURE_AVX2
 #undef VPURE_NS
 
 #ifdef VPURE_X86
 #pragma GCC push_options
 #pragma GCC target("avx2")
 #define VPURE_NS avx2
+#define VPURE_AVX2 1
 #include "block_match_impl.inc"
+#undef VPURE_AVX2
 #undef VPURE_NS
 #pragma GCC pop_options
 #endif

@@ -19,6 +19,10 @@
 
 #include "common.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 namespace nb = nanobind;
 
 namespace {
@@ -26,13 +30,17 @@ namespace {
 using In5 = nb::ndarray<const float, nb::ndim<5>, nb::c_contig, nb::device::cpu>;
 
 #define VPURE_NS base
+#define VPURE_AVX2 0
 #include "warp_l1_impl.inc"
+#undef VPURE_AVX2
 #undef VPURE_NS
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2")
 #define VPURE_NS avx2
+#define VPURE_AVX2 1
 #include "warp_l1_impl.inc"
+#undef VPURE_AVX2
 #undef VPURE_NS
 #pragma GCC pop_options
 #define VPURE_WARP_AVX2 1
