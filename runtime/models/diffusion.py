@@ -124,6 +124,15 @@ def tiny_vae():
     return AutoencoderKL(**TINY_VAE)
 
 
+def eps_fn_of(module: nn.Module):
+    """Adapt an EpsUNet (timestep tensor input) to eps_fn(z, t: int)."""
+
+    def eps_fn(z: torch.Tensor, t: int) -> torch.Tensor:
+        return module(z, torch.tensor([int(t)], dtype=torch.int64, device=z.device))
+
+    return eps_fn
+
+
 def tiny_vae_encoder() -> VAEEncoder:
     return VAEEncoder(tiny_vae())
 
@@ -142,6 +151,7 @@ register(ComponentSpec(
     outputs=(TensorSpec("eps", _LATENT),),
     profile={"B": (1, 1, 2), "T": (2, 4, 8), "h": (8, 8, 8), "w": (8, 8, 8)},
     build_tiny=f"{__name__}:tiny_unet",
+    loader="vpure.runtime.models.modelscope:load_unet",
     exporter="legacy",
     exporter_reason="the dynamo exporter fails on UNet3D's batch-2 temporal reshapes; TorchScript tracing handles them",
     tolerance=Tolerance(fp32_atol=1e-4, fp32_rtol=1e-3, fp16_sqnr_db=35.0, int8_sqnr_db=15.0),
@@ -155,6 +165,7 @@ register(ComponentSpec(
     profile={"B": (1, 1, 2), "T": (1, 2, 8), "H": (64, 64, 64), "W": (64, 64, 64),
              "h": (8, 8, 8), "w": (8, 8, 8)},
     build_tiny=f"{__name__}:tiny_vae_encoder",
+    loader="vpure.runtime.models.modelscope:load_vae_encoder",
     exporter="legacy", exporter_reason="plain conv graph; tracing is fastest and stable",
     fp32_ops=("GroupNormalization", "InstanceNormalization", "Softmax"),
     doc="SD AutoencoderKL encoder, scaled latent mean, frame by frame",
@@ -166,6 +177,7 @@ register(ComponentSpec(
     profile={"B": (1, 1, 2), "T": (1, 2, 8), "H": (64, 64, 64), "W": (64, 64, 64),
              "h": (8, 8, 8), "w": (8, 8, 8)},
     build_tiny=f"{__name__}:tiny_vae_decoder",
+    loader="vpure.runtime.models.modelscope:load_vae_decoder",
     exporter="legacy", exporter_reason="plain conv graph; tracing is fastest and stable",
     # The decoder's output feeds the recogniser directly: keep its whole tail in fp32.
     fp32_ops=("GroupNormalization", "InstanceNormalization", "Softmax"),

@@ -1,0 +1,144 @@
+"""Defences behind one interface: ``defence(clip) -> DefenceResult``.
+
+A clip is (B, 3, T, H, W) float in [0, 1]. Every defence (VideoPure, its ablations and
+the baselines in :mod:`vpure.runtime.baselines`) returns the final label per clip, the
+per-member logits and labels (one member for single-output defences) and wall-clock
+milliseconds per stage.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import InputError
+from .flow import downsample_flow
+from .videopure import VideoPureConfig, purify_latents, vote
+
+Module = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DefenceResult:
+    label: torch.Tensor  # (B,) int64
+    logits: torch.Tensor  # (M, B, K) per member
+    member_labels: torch.Tensor  # (M, B)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    frames: torch.Tensor | None = None  # defended frames (B, 3, T, H, W) of the last member, if kept
+
+
+class Stopwatch:
+    """Accumulates wall-clock milliseconds per stage, synchronising CUDA at stage ends."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.ms: dict[str, float] = {}
+        self.cuda = torch.device(device).type == "cuda"
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
+
+
+def check_clip(clip: torch.Tensor, multiple: int = 1) -> None:
+    """(B, 3, T, H, W) floating point, finite, in [0, 1], H and W multiples of ``multiple``."""
+    if not isinstance(clip, torch.Tensor):
+        raise InputError(f"clip must be a torch.Tensor, got {type(clip).__name__}")
+    if clip.ndim != 5 or clip.shape[1] != 3:
+        raise InputError(f"clip must be (B, 3, T, H, W), got shape {tuple(clip.shape)}")
+    if min(clip.shape) == 0:
+        raise InputError(f"clip is empty: shape {tuple(clip.shape)}")
+    if not clip.is_floating_point():
+        raise InputError(f"clip must be floating point in [0, 1], got {clip.dtype}")
+    if not bool(torch.isfinite(clip).all()):
+        raise InputError("clip contains NaN or Inf")
+    lo, hi = float(clip.min()), float(clip.max())
+    if lo < 0.0 or hi > 1.0:
+        raise InputError(f"clip values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
+    if clip.shape[-2] % multiple or clip.shape[-1] % multiple:
+        raise InputError(f"clip H and W must be multiples of {multiple}, got {tuple(clip.shape[-2:])}")
+
+
+def classify(recognizer: Module, frames: torch.Tensor, sw: Stopwatch | None = None) -> torch.Tensor:
+    with (sw("recognize") if sw else _null()):
+        with torch.inference_mode():
+            return recognizer(frames).float()
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+class TimedEps:
+    """eps_fn wrapper counting UNet calls and their time (for per-stage timings)."""
+
+    def __init__(self, eps_fn, sw: Stopwatch):
+        self.eps_fn, self.sw, self.calls = eps_fn, sw, 0
+
+    def __call__(self, z: torch.Tensor, t: int) -> torch.Tensor:
+        self.calls += 1
+        with self.sw("unet"):
+            return self.eps_fn(z, t)
+
+
+class VideoPure:
+    """Flow -> VAE encode -> temporal inversion -> denoising with STO -> decode -> vote.
+
+    ``eps_fn(z, t)``, ``encoder(frames) -> latents``, ``decoder(latents) -> frames``,
+    ``recognizer(frames) -> logits`` and ``flow_provider(frames, input_range) -> flows``
+    are callables (torch modules or engine backends).
+    """
+
+    name = "videopure"
+
+    def __init__(self, eps_fn, encoder: Module, decoder: Module, recognizer: Module, flow_provider,
+                 config: VideoPureConfig | None = None, latent_factor: int = 8):
+        self.eps_fn, self.encoder, self.decoder = eps_fn, encoder, decoder
+        self.recognizer, self.flow_provider = recognizer, flow_provider
+        self.config = config or VideoPureConfig()
+        self.latent_factor = latent_factor
+
+    def decode_members(self, members: list[torch.Tensor]) -> torch.Tensor:
+        """Members (each (B, 4, T, h, w)) -> frames (M*B, 3, T, H, W), in batches of decode_chunk members."""
+        chunk = self.config.decode_chunk or len(members)
+        out = []
+        for i in range(0, len(members), chunk):
+            out.append(self.decoder(torch.cat(members[i:i + chunk], dim=0)))
+        return torch.cat(out, dim=0)
+
+    @torch.inference_mode()
+    def __call__(self, clip: torch.Tensor, keep_frames: bool = False) -> DefenceResult:
+        check_clip(clip, self.latent_factor)
+        cfg = self.config
+        sw = Stopwatch(clip.device)
+        b = clip.shape[0]
+        with sw("flow"):
+            flow = self.flow_provider(clip, input_range=cfg.flow_range)
+        with sw("vae_encode"):
+            z0 = self.encoder(clip)
+        with sw("flow"):
+            flow = downsample_flow(flow, tuple(z0.shape[-2:]))
+        eps = TimedEps(self.eps_fn, sw)
+        with sw("purify"):
+            members = purify_latents(eps, z0, flow, cfg)
+        with sw("vae_decode"):
+            frames = self.decode_members(members)
+        logits = classify(self.recognizer, frames, sw).reshape(len(members), b, -1)
+        with sw("vote"):
+            label, member_labels = vote(logits, cfg.voting)
+        timings = dict(sw.ms)
+        timings["sto_and_schedule"] = timings.pop("purify") - timings.get("unet", 0.0)
+        timings["unet_calls"] = float(eps.calls)
+        return DefenceResult(label, logits, member_labels, timings, frames[-b:] if keep_frames else None)
