@@ -81,6 +81,19 @@ def _null() -> Iterator[None]:
     yield
 
 
+def decode_frames(decoder: Module, z: torch.Tensor, frames_per_call: int = 0) -> torch.Tensor:
+    """Decode latents (N, 4, T, h, w) frame by frame in calls of ``frames_per_call`` frames.
+
+    The VAE decodes every frame independently, so the N*T frames are one stream cut into
+    calls; 0 picks all at once on CUDA and 4 per call on CPU.
+    """
+    n, c, t, h, w = z.shape
+    k = frames_per_call or (n * t if z.device.type == "cuda" else 4)
+    flat = z.permute(0, 2, 1, 3, 4).reshape(1, n * t, c, h, w).permute(0, 2, 1, 3, 4)  # (1, 4, N*T, h, w)
+    out = torch.cat([decoder(flat[:, :, i:i + k]) for i in range(0, n * t, k)], dim=2)
+    return out.permute(0, 2, 1, 3, 4).reshape(n, t, *out.shape[1:2], *out.shape[-2:]).permute(0, 2, 1, 3, 4)
+
+
 class TimedEps:
     """eps_fn wrapper counting UNet calls and their time (for per-stage timings)."""
 
@@ -111,12 +124,9 @@ class VideoPure:
         self.latent_factor = latent_factor
 
     def decode_members(self, members: list[torch.Tensor]) -> torch.Tensor:
-        """Members (each (B, 4, T, h, w)) -> frames (M*B, 3, T, H, W), in batches of decode_chunk members."""
-        chunk = self.config.decode_chunk or len(members)
-        out = []
-        for i in range(0, len(members), chunk):
-            out.append(self.decoder(torch.cat(members[i:i + chunk], dim=0)))
-        return torch.cat(out, dim=0)
+        """Members (each (B, 4, T, h, w)) -> frames (M*B, 3, T, H, W), decode_batch_frames per call."""
+        z = torch.cat(members, dim=0)
+        return decode_frames(self.decoder, z, self.config.decode_batch_frames)
 
     @torch.inference_mode()
     def __call__(self, clip: torch.Tensor, keep_frames: bool = False) -> DefenceResult:

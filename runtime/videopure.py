@@ -52,7 +52,9 @@ class VideoPureConfig(ConfigBase):
     rescale_to_size: bool = False  # scale lambdas to the clip size (see spec, size dependence)
     voting: str = "hard"  # "hard" (released), "soft" (mean softmax), "off" (last member alone)
     flow_range: str = "unit"  # frames fed to the flow network: [0, 1] as released, or its native range
-    decode_chunk: int = 0  # members per VAE decoder call; 0 = all members in one batch
+    # Frames per VAE decoder call when decoding the members. 0 = auto: every member in one
+    # batch on CUDA, 4 frames per call on CPU (large conv batches overflow CPU caches).
+    decode_batch_frames: int = 0
     kernel_impl: str = "auto"  # warp_l1_grad implementation
 
     def validate(self) -> None:
@@ -63,7 +65,8 @@ class VideoPureConfig(ConfigBase):
               f"VideoPureConfig.t_star ({self.t_star}) exceeds num_inference_steps ({self.num_inference_steps})")
         check(self.voting in VOTING, f"VideoPureConfig.voting {self.voting!r} is not one of {VOTING}")
         check(self.flow_range in FLOW_RANGES, f"VideoPureConfig.flow_range {self.flow_range!r} is not one of {FLOW_RANGES}")
-        check(self.decode_chunk >= 0, f"VideoPureConfig.decode_chunk must be >= 0, got {self.decode_chunk}")
+        check(self.decode_batch_frames >= 0,
+              f"VideoPureConfig.decode_batch_frames must be >= 0, got {self.decode_batch_frames}")
         check(self.lambda_spa >= 0 and self.lambda_temp >= 0, "VideoPureConfig lambdas must be >= 0")
         check(self.kernel_impl in ("auto", "triton", "native", "torch", "ref"),
               f"VideoPureConfig.kernel_impl {self.kernel_impl!r} is not a kernel implementation")

@@ -110,9 +110,9 @@ class ReleasedVideoPure:
             with sw("purify"):
                 members = purify_latents_released(self.eps_fn, z0, flow, cfg)
             logits, frames = [], None
-            for m in members:  # one by one
+            for m in members:  # one by one, each frame on its own (as released)
                 with sw("vae_decode"):
-                    frames = self.decoder(m)
+                    frames = torch.cat([self.decoder(m[:, :, i:i + 1]) for i in range(m.shape[2])], dim=2)
                 with sw("recognize"):
                     logits.append(self.recognizer(frames).float())
             with sw("vote"):

@@ -208,3 +208,13 @@ def test_downsample_flow_scales_vectors():
     assert small.shape == (1, 2, 2, 8, 12)
     assert torch.allclose(small[:, :, 0], torch.full_like(small[:, :, 0], 1.0))
     assert torch.allclose(small[:, :, 1], torch.full_like(small[:, :, 1], -0.5))
+
+
+def test_decode_frames_chunking_is_equivalent(tiny):
+    from vpure.runtime.defence import decode_frames
+
+    z = torch.randn(3, 4, 5, 8, 8, generator=torch.Generator().manual_seed(11))
+    with torch.inference_mode():
+        whole = tiny.decoder(z)
+        for k in (1, 3, 0, 15):
+            assert_close(decode_frames(tiny.decoder, z, k), whole, atol=1e-5, name=f"frames_per_call={k}")
