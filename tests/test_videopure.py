@@ -218,3 +218,21 @@ def test_decode_frames_chunking_is_equivalent(tiny):
         whole = tiny.decoder(z)
         for k in (1, 3, 0, 15):
             assert_close(decode_frames(tiny.decoder, z, k), whole, atol=1e-5, name=f"frames_per_call={k}")
+
+
+def test_video_loading_errors(tmp_path):
+    from vpure.runtime.video import load_clip
+
+    with pytest.raises(InputError, match="does not exist"):
+        load_clip(tmp_path / "missing.mp4", 4, 64)
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(InputError, match="cannot decode"):
+        load_clip(junk, 4, 64)
+
+
+def test_video_loading_too_few_frames(data_dir):
+    from vpure.runtime.video import load_clip
+
+    with pytest.raises(InputError, match="only"):
+        load_clip(data_dir / "tree.avi", 10, 64, start=65)

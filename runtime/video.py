@@ -1,0 +1,44 @@
+"""Decoding clips from video files (PyAV) into the models' input layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+
+def read_frames(path: str | Path, frames: int, size: int, start: int = 0) -> np.ndarray:
+    """(frames, size, size, 3) uint8 RGB from ``path``: centre-cropped square, area-resized."""
+    import av
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"video {path} does not exist")
+    out = []
+    try:
+        with av.open(str(path)) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i < start:
+                    continue
+                rgb = frame.to_ndarray(format="rgb24")
+                h, w = rgb.shape[:2]
+                s = min(h, w)
+                crop = rgb[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+                out.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA))
+                if len(out) == frames:
+                    break
+    except av.error.FFmpegError as e:
+        raise InputError(f"cannot decode {path}: {e}") from None
+    if len(out) < frames:
+        raise InputError(f"{path} has only {len(out)} frames from frame {start}, {frames} wanted")
+    return np.stack(out)
+
+
+def load_clip(path: str | Path, frames: int, size: int, start: int = 0) -> torch.Tensor:
+    """(1, 3, T, size, size) float32 in [0, 1]."""
+    x = torch.from_numpy(read_frames(path, frames, size, start)).float().div(255.0)
+    return x.permute(3, 0, 1, 2)[None].contiguous()
