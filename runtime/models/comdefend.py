@@ -53,6 +53,48 @@ class ComDefend(nn.Module):
         return y.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
 
 
+def comdefend_config(model: ComDefend) -> dict:
+    return {"com_widths": [m.out_channels for m in model.com if isinstance(m, nn.Conv2d)][:-1],
+            "rec_widths": [m.out_channels for m in model.rec if isinstance(m, nn.Conv2d)][:-1],
+            "code_channels": model.com[-1].out_channels, "noise_std": model.noise_std}
+
+
+def load_comdefend(path, **overrides) -> ComDefend:
+    """From a vpure safetensors file (architecture in its metadata) or a .pth state dict
+    of the default architecture."""
+    from ..checkpoint import load_into, read_state_dict
+
+    state, cfg = read_state_dict(path)
+    model = ComDefend(**{**cfg, **overrides})
+    return load_into(model, state, str(path)).eval()
+
+
+def train_comdefend(model: ComDefend, frames, *, steps: int = 100, lr: float = 1e-3, code_weight: float = 1e-4,
+                    seed: int = 0, progress: bool | None = None) -> list[float]:
+    """Train on clean frames (N, 3, H, W) in [0, 1]: reconstruction MSE + code sparsity.
+
+    Returns the loss per step. Deterministic for a seed (CPU).
+    """
+    from ..log import progress as bar
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for _ in bar(range(steps), total=steps, desc="comdefend", enable=progress):
+        idx = torch.randint(0, frames.shape[0], (min(8, frames.shape[0]),), generator=g)
+        x = frames[idx]
+        code = model.encode(x)
+        loss = torch.nn.functional.mse_loss(model.decode(code), x) + code_weight * code.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 def tiny_comdefend() -> ComDefend:
     return ComDefend(com_widths=(8, 16), rec_widths=(16, 8))
 
@@ -63,6 +105,7 @@ register(ComponentSpec(
     outputs=(TensorSpec("purified", ("B", 3, "T", "H", "W")),),
     profile={"B": (1, 1, 2), "T": (1, 4, 16), "H": (32, 64, 64), "W": (32, 64, 64)},
     build_tiny=f"{__name__}:tiny_comdefend",
+    loader=f"{__name__}:load_comdefend",
     exporter="legacy", exporter_reason="plain conv graph; tracing is stable",
     doc="ComCNN + binarised code + RecCNN, per frame",
 ))

@@ -67,6 +67,24 @@ class FrameClassifier(nn.Module):
         return x.reshape(b, t, self.num_classes)
 
 
+def load_frame_classifier(path, **overrides) -> FrameClassifier:
+    """From a vpure safetensors file (architecture in its metadata) or an ImageNet-layout
+    ResNet-18 state dict (.pth/.safetensors; ``num_classes`` read from its fc layer)."""
+    from ..checkpoint import load_into, read_state_dict
+
+    state, cfg = read_state_dict(path)
+    if "fc.weight" in state:
+        cfg.setdefault("num_classes", int(state["fc.weight"].shape[0]))
+    model = FrameClassifier(**{**cfg, **overrides})
+    return load_into(model, state, str(path)).eval()
+
+
+def frame_classifier_config(model: FrameClassifier) -> dict:
+    layers = [getattr(model, f"layer{i + 1}") for i in range(model.n_layers)]
+    return {"num_classes": model.num_classes, "widths": [layer[0].conv1.out_channels for layer in layers],
+            "depths": [len(layer) for layer in layers], "stem_width": model.conv1.out_channels}
+
+
 def resnet18_frame_classifier(num_classes: int) -> FrameClassifier:
     return FrameClassifier(num_classes)
 
@@ -81,6 +99,7 @@ register(ComponentSpec(
     outputs=(TensorSpec("logits", ("B", "T", "K")),),
     profile={"B": (1, 1, 2), "T": (1, 4, 16), "H": (64, 64, 64), "W": (64, 64, 64), "K": (5, 5, 5)},
     build_tiny=f"{__name__}:tiny_frame_classifier",
+    loader=f"{__name__}:load_frame_classifier",
     exporter="legacy", exporter_reason="plain conv graph; tracing is stable",
     doc="ResNet-style per-frame classifier; exception index input",
 ))
