@@ -18,6 +18,7 @@ from ..errors import VpureError
 # vpure.export, which the runtime itself never imports).
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vpure.runtime.cli.info", "versions, backends, kernel implementations, devices and components"),
+    "calibrate": ("vpure.runtime.cli.calibrate", "choose the detection thresholds by F1 on labelled clips"),
 }
 
 
