@@ -4,6 +4,9 @@
   classifier; reference: the ResNet-18 forward alone.
 - temporal_defence: 4 exception frames rebuilt (block match radius 7, MC, int-DCT at the
   default QP); reference: the same with torch block matching.
+- shield_clean: a clean clip through the Shield (ResNet-18 gate at 224 and at 112, then
+  I3D-NL5-R50); reference: I3D-NL5-R50 alone. Random weights: the route is forced clean by
+  the gate's constant labels, which is the path a clean clip takes.
 
 Run from the repository root:  .venv/bin/python -m benchmarks.bench_detect [--csv PATH]
 """
@@ -15,7 +18,10 @@ import argparse
 import torch
 
 from vpure.runtime import benchmark
-from vpure.runtime.detect import Detector
+from vpure.runtime.detect import DetectionConfig, Detector
+from vpure.runtime.models.comdefend import tiny_comdefend
+from vpure.runtime.models.i3d import i3d_nl5_resnet50
+from vpure.runtime.shield import Shield, ShieldConfig
 from vpure.runtime.models.frame_classifier import FrameClassifier, tiny_frame_classifier
 from vpure.runtime.temporal_defence import TemporalDefenceConfig, repair_clip
 
@@ -58,8 +64,24 @@ def main(argv=None) -> None:
                   benchmark.Case("torch block matching", lambda: repair_clip(adv, exc, TemporalDefenceConfig(impl="torch"))),
                   [benchmark.Case("native", lambda: repair_clip(adv, exc, TemporalDefenceConfig(impl="native")), same)],
                   csv_path=args.csv, min_iters=3, min_time_s=1.0, warmup=1)
-    print("\nshield clean-route overhead vs I3D-R50 alone: not measured here; the I3D-R50 recogniser "
-          "arrives with the model-zoo issue")
+    i3d = i3d_nl5_resnet50(400).eval()
+
+    def i3d_alone():
+        with torch.inference_mode():
+            return int(i3d(clip).argmax(-1)[0])
+
+    def same_label(records, ref):
+        assert records[0].route == "clean" and records[0].label == ref, "shield changed the clean label"
+        return "clean route, same label"
+
+    shields = {size: Shield(r18, i3d, comdefend=tiny_comdefend().eval(),
+                            config=ShieldConfig(dense="comdefend", detection=DetectionConfig(frame_size=size)))
+               for size in (0, 112)}
+    benchmark.run("shield_clean", "vtest.avi 32x224x224, I3D-NL5-R50 recogniser",
+                  benchmark.Case("i3d_nl5_r50 alone", i3d_alone),
+                  [benchmark.Case("shield, resnet18 gate at 224", lambda: shields[0](clip), same_label),
+                   benchmark.Case("shield, resnet18 gate at 112", lambda: shields[112](clip), same_label)],
+                  csv_path=args.csv, min_iters=5, min_time_s=2.0, warmup=1)
 
 
 if __name__ == "__main__":

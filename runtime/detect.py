@@ -58,11 +58,16 @@ class DetectionConfig(ConfigBase):
     gamma1: float = 0.175
     gamma2: float = 0.3
     frames_per_call: int = 0  # frames per frame-classifier call; 0 = the whole batch at once
+    # Frames are resized to frame_size x frame_size before classification (0: as given).
+    # Per-frame labels need far less resolution than recognition: at 112 a ResNet-18 gate
+    # costs a quarter of its 224 cost.
+    frame_size: int = 0
 
     def validate(self) -> None:
         check(0.0 <= self.gamma1 <= self.gamma2 <= 1.0,
               f"DetectionConfig thresholds must satisfy 0 <= gamma1 <= gamma2 <= 1, got {self.gamma1}, {self.gamma2}")
         check(self.frames_per_call >= 0, "DetectionConfig.frames_per_call must be >= 0")
+        check(self.frame_size >= 0, "DetectionConfig.frame_size must be >= 0")
 
 
 @dataclass
@@ -80,8 +85,18 @@ class Detector:
         self.frame_classifier = frame_classifier
         self.config = config or DetectionConfig()
 
+    def _resize(self, clip: torch.Tensor) -> torch.Tensor:
+        s = self.config.frame_size
+        if not s or clip.shape[-2:] == (s, s):
+            return clip
+        b, c, t, h, w = clip.shape
+        x = clip.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w).float()
+        x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        return x.reshape(b, t, c, s, s).permute(0, 2, 1, 3, 4)
+
     @torch.inference_mode()
     def frame_labels(self, clip: torch.Tensor) -> torch.Tensor:
+        clip = self._resize(clip)
         k = self.config.frames_per_call or clip.shape[2]
         logits = torch.cat([self.frame_classifier(clip[:, :, i:i + k]) for i in range(0, clip.shape[2], k)], dim=1)
         if logits.ndim != 3 or logits.shape[:2] != clip.shape[:1] + clip.shape[2:3]:

@@ -163,7 +163,8 @@ class ComponentSpec:
 
 
 _REGISTRY: dict[str, ComponentSpec] = {}
-_BUILTIN_MODULES = ("vpure.runtime.models.diffusion", "vpure.runtime.models.frame_classifier", "vpure.runtime.models.comdefend")
+_BUILTIN_MODULES = ("vpure.runtime.models.diffusion", "vpure.runtime.models.frame_classifier",
+                    "vpure.runtime.models.comdefend", "vpure.runtime.models.i3d")
 _loaded = False
 
 

@@ -110,3 +110,18 @@ def test_bad_input(clip, exc, needle):
     with pytest.raises(InputError) as e:
         repair_clip(clip, exc)
     assert needle in str(e.value)
+
+
+def test_detector_frame_size_resizes_before_classifying():
+    from vpure.runtime.detect import Detector
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, clip):
+            seen.append(tuple(clip.shape))
+            return torch.zeros(clip.shape[0], clip.shape[2], 2)
+
+    det = Detector(Probe(), DetectionConfig(frame_size=32, frames_per_call=3))(torch.rand(1, 3, 7, 64, 48))
+    assert seen == [(1, 3, 3, 32, 32), (1, 3, 3, 32, 32), (1, 3, 1, 32, 32)]
+    assert det.route == ["clean"] and det.labels.shape == (1, 7)

@@ -1,0 +1,168 @@
+"""I3D-ResNet with optional non-local blocks, laid out like GluonCV-torch's
+``I3D_ResNetV1`` (``i3d_resnet50_v1_kinetics400``, ``i3d_nl5_resnet50_v1_kinetics400``), so
+their state dicts load unchanged.
+
+Layout facts that matter for checkpoints: ``first_stage`` = (Conv3d 5x7x7 stride 2, BN,
+ReLU, MaxPool 1x3x3 stride (2, 2, 2)); ``pool2`` (temporal max-pool by 2) after the first
+residual stage; ``res_layers.{stage}.{block}`` Bottlenecks whose conv1 is 3x1x1 where the
+stage's inflate pattern says so (else 1x1x1); gaussian non-local blocks after the blocks
+its pattern marks, registered as ``theta/phi/g/W/bn`` and again as ``W_bn``; the
+classifier registered as ``fc`` and again as ``head.1``. Input (B, 3, T, H, W) in [0, 1];
+ImageNet normalisation is inside the module.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..registry import ComponentSpec, Role, TensorSpec, register
+from .frame_classifier import IMAGENET_MEAN, IMAGENET_STD
+
+R50_BLOCKS = (3, 4, 6, 3)
+R101_BLOCKS = (3, 4, 23, 3)
+R50_INFLATE = ((1, 1, 1), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 1, 0))
+NL5_R50 = ((0, 0, 0), (0, 1, 0, 1), (0, 1, 0, 1, 0, 1), (0, 0, 0))
+
+
+class NonLocal(nn.Module):
+    """Embedded-gaussian non-local block: z = W(softmax(theta^T phi / sqrt(d)) g) + x."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.embed_dim = channels // 2
+        self.theta = nn.Conv3d(channels, self.embed_dim, 1)
+        self.phi = nn.Conv3d(channels, self.embed_dim, 1)
+        self.g = nn.Conv3d(channels, self.embed_dim, 1)
+        self.W = nn.Conv3d(self.embed_dim, channels, 1)
+        self.bn = nn.BatchNorm3d(channels, momentum=0.9)
+        self.W_bn = nn.Sequential(self.W, self.bn)  # the same modules under a second name, as saved
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        theta = self.theta(x)
+        b, c = theta.shape[:2]
+        t = theta.reshape(b, c, -1)
+        p = self.phi(x).reshape(b, c, -1)
+        g = self.g(x).reshape(b, c, -1)
+        attn = torch.softmax(torch.bmm(t.transpose(1, 2), p) * (self.embed_dim ** -0.5), dim=-1)
+        y = torch.bmm(g, attn.transpose(1, 2)).reshape(theta.shape)
+        return self.W_bn(y) + x
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int, inflate: bool, nonlocal_: bool, downsample: nn.Module | None):
+        super().__init__()
+        self.conv1 = (nn.Conv3d(cin, planes, (3, 1, 1), padding=(1, 0, 0), bias=False) if inflate
+                      else nn.Conv3d(cin, planes, 1, bias=False))
+        self.conv2 = nn.Conv3d(planes, planes, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1), bias=False)
+        self.bn1 = nn.BatchNorm3d(planes)
+        self.bn2 = nn.BatchNorm3d(planes)
+        self.conv3 = nn.Conv3d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm3d(planes * 4)
+        self.downsample = downsample
+        self.nonlocal_block = NonLocal(planes * 4) if nonlocal_ else None
+        self.relu = nn.ReLU(inplace=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idt = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.relu(self.bn3(self.conv3(out)) + idt)
+        return out if self.nonlocal_block is None else self.nonlocal_block(out)
+
+
+class I3DResNet(nn.Module):
+    """frames (B, 3, T, H, W) in [0, 1] -> logits (B, num_classes)."""
+
+    def __init__(self, num_classes: int = 400, blocks: Sequence[int] = R50_BLOCKS,
+                 inflate: Sequence[Sequence[int]] = R50_INFLATE, nonlocal_: Sequence[Sequence[int]] | None = NL5_R50,
+                 base_width: int = 64, dropout: float = 0.5):
+        super().__init__()
+        if len(inflate) != len(blocks) or any(len(f) != n for f, n in zip(inflate, blocks)):
+            raise ValueError("inflate pattern must give one flag per block of every stage")
+        nonlocal_ = nonlocal_ or tuple((0,) * n for n in blocks)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1), persistent=False)
+        self.first_stage = nn.Sequential(
+            nn.Conv3d(3, base_width, (5, 7, 7), stride=(2, 2, 2), padding=(2, 3, 3), bias=False),
+            nn.BatchNorm3d(base_width), nn.ReLU(inplace=False),
+            nn.MaxPool3d((1, 3, 3), stride=(2, 2, 2), padding=(0, 1, 1)))
+        self.pool2 = nn.MaxPool3d((2, 1, 1), stride=(2, 1, 1))
+        stages, cin = [], base_width
+        for i, n in enumerate(blocks):
+            planes, stride = base_width * 2 ** i, 1 if i == 0 else 2
+            down = None
+            if stride != 1 or cin != planes * 4:
+                down = nn.Sequential(nn.Conv3d(cin, planes * 4, 1, stride=(1, stride, stride), bias=False),
+                                     nn.BatchNorm3d(planes * 4))
+            layer = [Bottleneck(cin, planes, stride, bool(inflate[i][0]), bool(nonlocal_[i][0]), down)]
+            layer += [Bottleneck(planes * 4, planes, 1, bool(inflate[i][j]), bool(nonlocal_[i][j]), None)
+                      for j in range(1, n)]
+            stages.append(nn.Sequential(*layer))
+            cin = planes * 4
+        self.res_layers = nn.Sequential(*stages)
+        self.st_avg = nn.AdaptiveAvgPool3d(1)
+        self.dp = nn.Dropout(dropout)
+        self.fc = nn.Linear(cin, num_classes)
+        self.head = nn.Sequential(self.dp, self.fc)  # the same modules under a second name, as saved
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        x = self.first_stage((frames - self.mean) / self.std)
+        for i, layer in enumerate(self.res_layers):
+            x = layer(x)
+            if i == 0:
+                x = self.pool2(x)
+        return self.head(self.st_avg(x).flatten(1))
+
+
+def i3d_nl5_resnet50(num_classes: int = 400) -> I3DResNet:
+    return I3DResNet(num_classes, R50_BLOCKS, R50_INFLATE, NL5_R50)
+
+
+def i3d_resnet50(num_classes: int = 400) -> I3DResNet:
+    return I3DResNet(num_classes, R50_BLOCKS, R50_INFLATE, None)
+
+
+def tiny_i3d() -> I3DResNet:
+    return I3DResNet(num_classes=5, blocks=(1, 2, 1, 1), inflate=((1,), (1, 0), (0,), (0,)),
+                     nonlocal_=((0,), (0, 1), (0,), (0,)), base_width=4)
+
+
+def load_i3d(path, **overrides) -> I3DResNet:
+    """A GluonCV-torch I3D-ResNet50/101 checkpoint (with or without non-local blocks), or a
+    vpure safetensors file. The stage depths, inflation and non-local placement are read
+    from the keys; ``num_classes`` from ``fc.weight``."""
+    from ..checkpoint import load_into, read_state_dict
+
+    state, cfg = read_state_dict(path)
+    if not cfg:
+        if "fc.weight" not in state:
+            from ..errors import CheckpointError
+
+            raise CheckpointError(f"{path}: no fc.weight, not an I3D-ResNet checkpoint")
+        blocks = tuple(1 + max([int(k.split(".")[2]) for k in state if k.startswith(f"res_layers.{i}.")] or [-1])
+                       for i in range(4))
+        inflate = tuple(tuple(int(state.get(f"res_layers.{i}.{j}.conv1.weight", torch.zeros(1, 1, 1)).shape[2] == 3)
+                              for j in range(n)) for i, n in enumerate(blocks))
+        nonlocal_ = tuple(tuple(int(f"res_layers.{i}.{j}.nonlocal_block.theta.weight" in state) for j in range(n))
+                          for i, n in enumerate(blocks))
+        cfg = dict(num_classes=int(state["fc.weight"].shape[0]), blocks=blocks, inflate=inflate, nonlocal_=nonlocal_,
+                   base_width=int(state["first_stage.0.weight"].shape[0]))
+    return load_into(I3DResNet(**{**cfg, **overrides}), state, str(path)).eval()
+
+
+register(ComponentSpec(
+    name="i3d_nl5_r50", role=Role.RECOGNIZER,
+    inputs=(TensorSpec("frames", ("B", 3, "T", "H", "W")),),
+    outputs=(TensorSpec("logits", ("B", "K")),),
+    # T >= 8: the stem and pool2 divide time by 8.
+    profile={"B": (1, 1, 2), "T": (8, 8, 32), "H": (64, 64, 64), "W": (64, 64, 64), "K": (5, 5, 5)},
+    build_tiny=f"{__name__}:tiny_i3d",
+    loader=f"{__name__}:load_i3d",
+    exporter="legacy", exporter_reason="3D convs, bmm and softmax only; tracing is stable",
+    doc="I3D-ResNet50 with 5 non-local blocks (GluonCV-torch layout), the recogniser VideoPure evaluates",
+))

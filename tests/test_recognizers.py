@@ -1,0 +1,62 @@
+"""Recognisers: layouts that real checkpoints use, round trips, clear errors, batch invariance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vpure.runtime import registry
+from vpure.runtime.errors import CheckpointError
+from vpure.runtime.models.i3d import I3DResNet, i3d_nl5_resnet50, i3d_resnet50, load_i3d
+
+
+def test_i3d_nl5_r50_has_the_gluoncv_layout():
+    sd = i3d_nl5_resnet50(400).state_dict()
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    assert shapes["first_stage.0.weight"] == (64, 3, 5, 7, 7)
+    assert shapes["res_layers.0.0.conv1.weight"] == (64, 64, 3, 1, 1)  # inflated 3x1x1
+    assert shapes["res_layers.1.1.conv1.weight"] == (128, 512, 1, 1, 1)  # pattern (1, 0, 1, 0)
+    assert shapes["res_layers.3.0.conv1.weight"] == (512, 1024, 1, 1, 1)  # pattern (0, 1, 0)
+    assert shapes["res_layers.3.1.conv1.weight"] == (512, 2048, 3, 1, 1)
+    assert shapes["res_layers.1.0.downsample.0.weight"] == (512, 256, 1, 1, 1)
+    nl = sorted({k.split(".nonlocal_block")[0] for k in sd if ".nonlocal_block." in k})
+    assert nl == ["res_layers.1.1", "res_layers.1.3", "res_layers.2.1", "res_layers.2.3", "res_layers.2.5"]
+    for alias in ("res_layers.2.5.nonlocal_block.W_bn.0.weight", "res_layers.2.5.nonlocal_block.W_bn.1.running_var",
+                  "head.1.weight", "fc.weight"):
+        assert alias in sd, alias
+    assert shapes["fc.weight"] == (400, 2048)
+    assert "mean" not in sd and "std" not in sd  # normalisation constants are not checkpoint keys
+
+
+@pytest.mark.parametrize("builder", [i3d_nl5_resnet50, i3d_resnet50], ids=["nl5", "plain"])
+def test_gluoncv_state_dicts_load_with_identical_outputs(tmp_path, builder):
+    torch.manual_seed(0)
+    model = builder(7).eval()
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "gluoncv.pth")
+    loaded = load_i3d(tmp_path / "gluoncv.pth")
+    x = torch.rand(1, 3, 8, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+    assert sum(".nonlocal_block." in k for k in loaded.state_dict()) == sum(".nonlocal_block." in k for k in model.state_dict())
+
+
+def test_wrong_checkpoints_fail_clearly(tmp_path):
+    sd = i3d_nl5_resnet50(5).state_dict()
+    sd["res_layers.0.0.conv2.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="shape mismatches.*res_layers.0.0.conv2.weight"):
+        load_i3d(tmp_path / "bad.pth")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not an I3D-ResNet"):
+        load_i3d(tmp_path / "other.pth")
+
+
+def test_batch_invariance_and_determinism():
+    spec = registry.get("i3d_nl5_r50")
+    m = spec.build(seed=0)
+    a = torch.rand(1, 3, 8, 64, 64, generator=torch.Generator().manual_seed(1))
+    b = torch.rand(1, 3, 8, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        alone, batch = m(a), m(torch.cat([a, b]))
+        assert torch.allclose(alone[0], batch[0], atol=1e-5)
+        assert torch.equal(m(a), alone)
