@@ -164,7 +164,7 @@ class ComponentSpec:
 
 _REGISTRY: dict[str, ComponentSpec] = {}
 _BUILTIN_MODULES = ("vpure.runtime.models.diffusion", "vpure.runtime.models.frame_classifier",
-                    "vpure.runtime.models.comdefend", "vpure.runtime.models.i3d")
+                    "vpure.runtime.models.comdefend", "vpure.runtime.models.i3d", "vpure.runtime.models.raft")
 _loaded = False
 
 

@@ -1,0 +1,92 @@
+"""RAFT (princeton-vl layout) and DIS flow: layouts, round trips, consistency, real-content accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vpure.runtime import registry
+from vpure.runtime.errors import CheckpointError, InputError
+from vpure.runtime.flow import DISFlow
+from vpure.runtime.models.raft import RAFT, RAFTFlow, load_raft
+
+from helpers import assert_close
+
+
+def test_raft_large_and_small_layouts():
+    large = {k: tuple(v.shape) for k, v in RAFT(small=False).state_dict().items()}
+    assert large["fnet.conv1.weight"] == (64, 3, 7, 7) and large["fnet.conv2.weight"] == (256, 128, 1, 1)
+    assert large["cnet.conv2.weight"] == (256, 128, 1, 1) and "cnet.norm1.running_mean" in large
+    assert not any(k.startswith("fnet.norm") or ".norm1." in k and k.startswith("fnet") for k in large)
+    assert large["cnet.layer2.0.downsample.1.weight"] == large["cnet.layer2.0.norm3.weight"]
+    assert large["update_block.encoder.convc1.weight"] == (256, 324, 1, 1)  # 4 levels x 9x9
+    assert large["update_block.gru.convz1.weight"] == (128, 384, 1, 5)
+    assert large["update_block.mask.2.weight"] == (576, 256, 1, 1)
+    small = {k: tuple(v.shape) for k, v in RAFT(small=True).state_dict().items()}
+    assert small["fnet.conv1.weight"] == (32, 3, 7, 7) and small["cnet.conv2.weight"] == (160, 96, 1, 1)
+    assert small["update_block.encoder.convc1.weight"] == (96, 196, 1, 1)  # 4 levels x 7x7
+    assert small["update_block.gru.convz.weight"] == (96, 242, 3, 3)
+    assert not any(k.startswith("update_block.mask") for k in small)
+
+
+@pytest.mark.parametrize("small", [True, False], ids=["small", "large"])
+def test_princeton_checkpoints_load_with_identical_outputs(tmp_path, small):
+    torch.manual_seed(0)
+    model = RAFT(small=small, iters=3).eval()
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "raft.pth")
+    loaded = load_raft(tmp_path / "raft.pth", iters=3)
+    assert loaded.small == small
+    a, b = torch.rand(1, 3, 128, 128), torch.rand(1, 3, 128, 128)
+    with torch.inference_mode():
+        out = model(a, b)
+        assert torch.isfinite(out).all() and torch.equal(loaded(a, b), out)
+        with pytest.raises(InputError, match=">= 128"):
+            model(a[..., :64, :64], b[..., :64, :64])
+
+
+def test_wrong_checkpoint_fails_clearly(tmp_path):
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "x.pth")
+    with pytest.raises(CheckpointError, match="not a RAFT checkpoint"):
+        load_raft(tmp_path / "x.pth")
+    sd = RAFT(small=True).state_dict()
+    sd.pop("update_block.flow_head.conv2.bias")
+    torch.save(sd, tmp_path / "y.pth")
+    with pytest.raises(CheckpointError, match="missing keys.*flow_head.conv2.bias"):
+        load_raft(tmp_path / "y.pth")
+
+
+def test_pairs_batched_like_alone_and_clip_provider():
+    model = registry.get("raft").build(seed=0)
+    clip = torch.rand(2, 3, 4, 130, 70, generator=torch.Generator().manual_seed(1))  # padded for RAFT
+    flows = RAFTFlow(model, pairs_per_call=2)(clip)
+    assert flows.shape == (2, 3, 2, 130, 70) and torch.isfinite(flows).all()
+    again = RAFTFlow(model, pairs_per_call=5)(clip)
+    assert_close(again, flows, atol=1e-4, name="chunking")
+    assert torch.equal(RAFTFlow(model, pairs_per_call=2)(clip), flows)
+    with pytest.raises(InputError, match="T>=2"):
+        RAFTFlow(model)(clip[:, :, :1])
+
+
+def test_input_range_option_changes_the_input():
+    torch.manual_seed(0)
+    unit, native = RAFT(small=True, iters=2, input_range="unit").eval(), RAFT(small=True, iters=2, input_range="native")
+    native.load_state_dict(unit.state_dict())
+    a, b = torch.rand(1, 3, 128, 128), torch.rand(1, 3, 128, 128)
+    with torch.inference_mode():
+        assert not torch.equal(unit(a, b), native.eval()(a, b))
+    with pytest.raises(ValueError, match="input_range"):
+        RAFT(input_range="0-255")
+
+
+def test_dis_recovers_known_subpixel_motion_of_a_real_frame(data_dir):
+    cv2 = pytest.importorskip("cv2")
+    img = cv2.cvtColor(cv2.imread(str(data_dir / "rubberwhale1.png")), cv2.COLOR_BGR2RGB)[:256, :320]
+    dx, dy = 1.5, -0.75  # content moves by (dx, dy): frame1(x) = frame0(x - d)
+    ys, xs = np.mgrid[0:img.shape[0], 0:img.shape[1]].astype(np.float32)
+    moved = cv2.remap(img, xs - dx, ys - dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    clip = torch.from_numpy(np.stack([img, moved])).permute(3, 0, 1, 2)[None].float() / 255
+    flow = DISFlow("medium")(clip)[0, 0]  # (2, H, W)
+    inner = flow[:, 16:-16, 16:-16]
+    epe = torch.sqrt((inner[0] - dx) ** 2 + (inner[1] - dy) ** 2)
+    assert epe.median().item() < 0.15 and epe.mean().item() < 0.35, (epe.median().item(), epe.mean().item())
