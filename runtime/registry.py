@@ -164,7 +164,8 @@ class ComponentSpec:
 
 _REGISTRY: dict[str, ComponentSpec] = {}
 _BUILTIN_MODULES = ("vpure.runtime.models.diffusion", "vpure.runtime.models.frame_classifier",
-                    "vpure.runtime.models.comdefend", "vpure.runtime.models.i3d", "vpure.runtime.models.raft")
+                    "vpure.runtime.models.comdefend", "vpure.runtime.models.i3d", "vpure.runtime.models.raft",
+                    "vpure.runtime.models.videomae")
 _loaded = False
 
 

@@ -60,3 +60,27 @@ def test_batch_invariance_and_determinism():
         alone, batch = m(a), m(torch.cat([a, b]))
         assert torch.allclose(alone[0], batch[0], atol=1e-5)
         assert torch.equal(m(a), alone)
+
+
+def test_videomae_folder_round_trip(tmp_path):
+    import json
+
+    from vpure.runtime.models.videomae import load_videomae, tiny_videomae
+
+    torch.manual_seed(0)
+    rec = tiny_videomae().eval()
+    rec.model.save_pretrained(tmp_path / "vmae")
+    (tmp_path / "vmae" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5],
+                                                                             "image_std": [0.5, 0.5, 0.5]}))
+    loaded = registry.get("videomae").load(tmp_path / "vmae")
+    x = torch.rand(2, 3, 4, 32, 32)
+    with torch.inference_mode():
+        out = loaded(x)
+        assert out.shape == (2, 5)
+        assert torch.allclose(loaded.mean.flatten(), torch.full((3,), 0.5))
+        rec.mean.fill_(0.5)
+        rec.std.fill_(0.5)
+        assert torch.allclose(out, rec(x), atol=1e-6)
+        assert torch.allclose(loaded(x[:1])[0], out[0], atol=1e-5)  # batch invariance
+    with pytest.raises(CheckpointError, match="not a VideoMAE folder"):
+        load_videomae(tmp_path / "nowhere")
