@@ -165,7 +165,7 @@ class ComponentSpec:
 _REGISTRY: dict[str, ComponentSpec] = {}
 _BUILTIN_MODULES = ("vpure.runtime.models.diffusion", "vpure.runtime.models.frame_classifier",
                     "vpure.runtime.models.comdefend", "vpure.runtime.models.i3d", "vpure.runtime.models.raft",
-                    "vpure.runtime.models.videomae")
+                    "vpure.runtime.models.videomae", "vpure.runtime.models.slowfast")
 _loaded = False
 
 

@@ -84,3 +84,31 @@ def test_videomae_folder_round_trip(tmp_path):
         assert torch.allclose(loaded(x[:1])[0], out[0], atol=1e-5)  # batch invariance
     with pytest.raises(CheckpointError, match="not a VideoMAE folder"):
         load_videomae(tmp_path / "nowhere")
+
+
+def test_slowfast_r50_layout_and_checkpoints(tmp_path):
+    from vpure.runtime.errors import InputError
+    from vpure.runtime.models.slowfast import SlowFast, load_slowfast, slowfast_r50
+
+    big = slowfast_r50(400)
+    sd = {k: tuple(v.shape) for k, v in big.state_dict().items()}
+    assert sum(p.numel() for p in big.parameters()) == 34_566_488  # pytorchvideo's SlowFast-R50 8x8
+    assert sd["blocks.0.multipathway_blocks.1.conv.weight"] == (8, 3, 5, 7, 7)
+    assert sd["blocks.0.multipathway_fusion.conv_fast_to_slow.weight"] == (16, 8, 7, 1, 1)
+    assert sd["blocks.1.multipathway_blocks.0.res_blocks.0.branch1_conv.weight"] == (256, 80, 1, 1, 1)
+    assert sd["blocks.3.multipathway_blocks.0.res_blocks.0.branch2.conv_a.weight"] == (256, 640, 3, 1, 1)
+    assert sd["blocks.6.proj.weight"] == (400, 2304)
+    assert not any(k.startswith("blocks.4.multipathway_fusion") for k in sd)  # no fusion after the last stage
+
+    torch.manual_seed(0)
+    small = SlowFast(num_classes=6, depths=(1, 2, 1, 1), stem_width=16).eval()
+    torch.save({"model_state": small.state_dict()}, tmp_path / "sf.pyth")
+    loaded = load_slowfast(tmp_path / "sf.pyth")
+    x = torch.rand(1, 3, 8, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), small(x))
+        with pytest.raises(InputError, match="multiple of alpha"):
+            small(x[:, :, :6])
+    torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="not a pytorchvideo SlowFast"):
+        load_slowfast(tmp_path / "bad.pth")

@@ -1,0 +1,194 @@
+"""SlowFast-R50 (Feichtenhofer et al., ICCV 2019) with the module names of pytorchvideo's
+``slowfast_r50`` (``blocks.{i}.multipathway_blocks / multipathway_fusion``,
+``res_blocks.{j}.branch1_conv / branch2.conv_a``, ``blocks.6.proj``), so its checkpoints load.
+
+alpha = 4 (the slow pathway sees every 4th frame), beta = 1/8 (fast channels), lateral
+fast-to-slow fusion by a 7x1x1 conv with temporal stride alpha after the stem and the
+first three stages. Input (B, 3, T, H, W) in [0, 1] with T a multiple of 4 (the fast
+pathway); Kinetics normalisation (mean 0.45, std 0.225) is inside. The head averages the
+final features globally, which equals pytorchvideo's AvgPool3d((8, 7, 7)) / ((32, 7, 7)) at
+the reference 32x224x224 input.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, InputError
+from ..registry import ComponentSpec, Role, TensorSpec, register
+
+KINETICS_MEAN, KINETICS_STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)
+R50_DEPTHS = (3, 4, 6, 3)
+SLOW_CONV_A_T = (1, 1, 3, 3)  # temporal kernel of conv_a per stage, slow pathway
+FAST_CONV_A_T = (3, 3, 3, 3)
+
+
+class Stem(nn.Module):
+    def __init__(self, cout: int, kt: int):
+        super().__init__()
+        self.conv = nn.Conv3d(3, cout, (kt, 7, 7), stride=(1, 2, 2), padding=(kt // 2, 3, 3), bias=False)
+        self.norm = nn.BatchNorm3d(cout)
+        self.activation = nn.ReLU()
+        self.pool = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+
+    def forward(self, x):
+        return self.pool(self.activation(self.norm(self.conv(x))))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin: int, inner: int, cout: int, kt: int, stride: int):
+        super().__init__()
+        self.conv_a = nn.Conv3d(cin, inner, (kt, 1, 1), padding=(kt // 2, 0, 0), bias=False)
+        self.norm_a, self.act_a = nn.BatchNorm3d(inner), nn.ReLU()
+        self.conv_b = nn.Conv3d(inner, inner, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1), bias=False)
+        self.norm_b, self.act_b = nn.BatchNorm3d(inner), nn.ReLU()
+        self.conv_c = nn.Conv3d(inner, cout, 1, bias=False)
+        self.norm_c = nn.BatchNorm3d(cout)
+
+    def forward(self, x):
+        x = self.act_a(self.norm_a(self.conv_a(x)))
+        x = self.act_b(self.norm_b(self.conv_b(x)))
+        return self.norm_c(self.conv_c(x))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, inner: int, cout: int, kt: int, stride: int):
+        super().__init__()
+        self.branch1_conv = self.branch1_norm = None
+        if cin != cout or stride != 1:
+            self.branch1_conv = nn.Conv3d(cin, cout, 1, stride=(1, stride, stride), bias=False)
+            self.branch1_norm = nn.BatchNorm3d(cout)
+        self.branch2 = Bottleneck(cin, inner, cout, kt, stride)
+        self.activation = nn.ReLU()
+
+    def forward(self, x):
+        skip = x if self.branch1_conv is None else self.branch1_norm(self.branch1_conv(x))
+        return self.activation(skip + self.branch2(x))
+
+
+class ResStage(nn.Module):
+    def __init__(self, depth: int, cin: int, inner: int, cout: int, kt: int, stride: int):
+        super().__init__()
+        self.res_blocks = nn.ModuleList(
+            [ResBlock(cin if i == 0 else cout, inner, cout, kt, stride if i == 0 else 1) for i in range(depth)])
+
+    def forward(self, x):
+        for block in self.res_blocks:
+            x = block(x)
+        return x
+
+
+class FuseFastToSlow(nn.Module):
+    def __init__(self, fast_dim: int, alpha: int, ratio: int = 2):
+        super().__init__()
+        self.conv_fast_to_slow = nn.Conv3d(fast_dim, fast_dim * ratio, (7, 1, 1), stride=(alpha, 1, 1),
+                                           padding=(3, 0, 0), bias=False)
+        self.norm = nn.BatchNorm3d(fast_dim * ratio)
+        self.activation = nn.ReLU()
+
+    def forward(self, slow, fast):
+        return torch.cat([slow, self.activation(self.norm(self.conv_fast_to_slow(fast)))], dim=1), fast
+
+
+class MultiPathway(nn.Module):
+    def __init__(self, blocks: Sequence[nn.Module], fusion: nn.Module | None):
+        super().__init__()
+        self.multipathway_blocks = nn.ModuleList(blocks)
+        self.multipathway_fusion = fusion if fusion is not None else nn.Identity()
+
+    def forward(self, slow, fast):
+        slow, fast = self.multipathway_blocks[0](slow), self.multipathway_blocks[1](fast)
+        if isinstance(self.multipathway_fusion, nn.Identity):
+            return slow, fast
+        return self.multipathway_fusion(slow, fast)
+
+
+class PoolConcat(nn.Module):
+    def forward(self, slow, fast):
+        return torch.cat([slow.mean(dim=(2, 3, 4), keepdim=True), fast.mean(dim=(2, 3, 4), keepdim=True)], dim=1)
+
+
+class Head(nn.Module):
+    def __init__(self, cin: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.proj(self.dropout(x).flatten(1))
+
+
+class SlowFast(nn.Module):
+    """frames (B, 3, T, H, W) in [0, 1], T % alpha == 0 -> logits (B, num_classes)."""
+
+    def __init__(self, num_classes: int = 400, depths: Sequence[int] = R50_DEPTHS, alpha: int = 4,
+                 beta_inv: int = 8, stem_width: int = 64, dropout: float = 0.5):
+        super().__init__()
+        self.alpha = alpha
+        self.register_buffer("mean", torch.tensor(KINETICS_MEAN).view(1, 3, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(KINETICS_STD).view(1, 3, 1, 1, 1), persistent=False)
+        fast_stem = stem_width // beta_inv
+        blocks: list[nn.Module] = [MultiPathway([Stem(stem_width, 1), Stem(fast_stem, 5)],
+                                                FuseFastToSlow(fast_stem, alpha))]
+        dim_in, dim_out = stem_width, stem_width * 4
+        for i, depth in enumerate(depths):
+            slow_in = dim_in + dim_in * 2 // beta_inv
+            stride = 1 if i == 0 else 2
+            slow = ResStage(depth, slow_in, dim_out // 4, dim_out, SLOW_CONV_A_T[i], stride)
+            fast = ResStage(depth, dim_in // beta_inv, dim_out // 4 // beta_inv, dim_out // beta_inv, FAST_CONV_A_T[i], stride)
+            fusion = FuseFastToSlow(dim_out // beta_inv, alpha) if i < len(depths) - 1 else None
+            blocks.append(MultiPathway([slow, fast], fusion))
+            dim_in, dim_out = dim_out, dim_out * 2
+        blocks.append(PoolConcat())
+        blocks.append(Head(dim_in + dim_in // beta_inv, num_classes, dropout))
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        t = frames.shape[2]
+        if not torch.jit.is_tracing() and t % self.alpha:
+            raise InputError(f"SlowFast needs T to be a multiple of alpha={self.alpha}, got T={t}")
+        fast = (frames - self.mean) / self.std
+        idx = torch.linspace(0, t - 1, t // self.alpha, device=frames.device).long()  # pytorchvideo's PackPathway
+        slow = fast.index_select(2, idx)
+        for block in self.blocks[:-2]:
+            slow, fast = block(slow, fast)
+        return self.blocks[-1](self.blocks[-2](slow, fast))
+
+
+def slowfast_r50(num_classes: int = 400) -> SlowFast:
+    return SlowFast(num_classes)
+
+
+def tiny_slowfast() -> SlowFast:
+    return SlowFast(num_classes=5, depths=(1, 1, 1, 1), stem_width=16)
+
+
+def load_slowfast(path, **overrides) -> SlowFast:
+    """pytorchvideo ``slowfast_r50`` checkpoints (plain or under ``model_state``/``state_dict``)
+    or vpure safetensors files; depths, widths and classes are read from the keys."""
+    from ..checkpoint import load_into, read_state_dict
+
+    state, cfg = read_state_dict(path)
+    if not cfg:
+        if "blocks.6.proj.weight" not in state:
+            raise CheckpointError(f"{path}: no blocks.6.proj.weight, not a pytorchvideo SlowFast checkpoint")
+        depths = tuple(1 + max(int(k.split(".")[5]) for k in state
+                               if k.startswith(f"blocks.{i}.multipathway_blocks.0.res_blocks.")) for i in range(1, 5))
+        cfg = dict(num_classes=int(state["blocks.6.proj.weight"].shape[0]), depths=depths,
+                   stem_width=int(state["blocks.0.multipathway_blocks.0.conv.weight"].shape[0]))
+    return load_into(SlowFast(**{**cfg, **overrides}), state, str(path)).eval()
+
+
+register(ComponentSpec(
+    name="slowfast_r50", role=Role.RECOGNIZER,
+    inputs=(TensorSpec("frames", ("B", 3, "T", "H", "W")),),
+    outputs=(TensorSpec("logits", ("B", "K")),),
+    profile={"B": (1, 1, 2), "T": (8, 8, 32), "H": (64, 64, 64), "W": (64, 64, 64), "K": (5, 5, 5)},
+    build_tiny=f"{__name__}:tiny_slowfast",
+    loader=f"{__name__}:load_slowfast",
+    exporter="legacy", exporter_reason="two pathways of 3D convs; tracing is stable",
+    doc="SlowFast-R50 (pytorchvideo layout), alpha 4, beta 1/8, lateral connections",
+))
