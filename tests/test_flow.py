@@ -90,3 +90,37 @@ def test_dis_recovers_known_subpixel_motion_of_a_real_frame(data_dir):
     inner = flow[:, 16:-16, 16:-16]
     epe = torch.sqrt((inner[0] - dx) ** 2 + (inner[1] - dy) ** 2)
     assert epe.median().item() < 0.15 and epe.mean().item() < 0.35, (epe.median().item(), epe.mean().item())
+
+
+@pytest.mark.parametrize("small", [True, False], ids=["small", "large"])
+def test_torchvision_state_dicts_load(tmp_path, small):
+    """torchvision names, written here from its module structure, load with identical outputs."""
+    import re
+
+    torch.manual_seed(1)
+    model = RAFT(small=small, iters=2).eval()
+    tv = {}
+    for k, v in model.state_dict().items():
+        if re.search(r"\.norm[34]\.", k) and ".downsample." not in k and re.search(r"layer\d\.0\.norm[34]", k):
+            continue  # the aliased downsample norm exists once in torchvision
+        k2 = re.sub(r"^fnet\.", "feature_encoder.", k)
+        k2 = re.sub(r"^cnet\.", "context_encoder.", k2)
+        k2 = re.sub(r"_encoder\.conv1\.", "_encoder.convnormrelu.0.", k2)
+        k2 = re.sub(r"_encoder\.norm1\.", "_encoder.convnormrelu.1.", k2)
+        k2 = re.sub(r"\.conv(\d)\.(weight|bias)$", r".convnormrelu\1.0.\2", k2) if ".layer" in k2 else k2
+        k2 = re.sub(r"\.norm(\d)\.", r".convnormrelu\1.1.", k2) if ".layer" in k2 else k2
+        k2 = re.sub(r"_encoder\.conv2\.", "_encoder.conv.", k2)
+        k2 = k2.replace("update_block.encoder.convc", "update_block.motion_encoder.convcorr")
+        k2 = k2.replace("update_block.encoder.convf", "update_block.motion_encoder.convflow")
+        k2 = re.sub(r"motion_encoder\.(convcorr\d|convflow\d)\.", r"motion_encoder.\1.0.", k2)
+        k2 = k2.replace("update_block.encoder.conv.", "update_block.motion_encoder.conv.0.")
+        k2 = re.sub(r"update_block\.gru\.conv([zrq])(\d)\.", r"update_block.recurrent_block.convgru\2.conv\1.", k2)
+        k2 = re.sub(r"update_block\.gru\.conv([zrq])\.", r"update_block.recurrent_block.convgru1.conv\1.", k2)
+        k2 = k2.replace("update_block.mask.0.", "mask_predictor.convrelu.0.").replace("update_block.mask.2.", "mask_predictor.conv.")
+        tv[k2] = v
+    assert "feature_encoder.layer2.0.convnormrelu1.0.weight" in tv
+    torch.save(tv, tmp_path / "tv.pth")
+    loaded = load_raft(tmp_path / "tv.pth", iters=2)
+    a, b = torch.rand(1, 3, 128, 128), torch.rand(1, 3, 128, 128)
+    with torch.inference_mode():
+        assert torch.equal(loaded(a, b), model(a, b))

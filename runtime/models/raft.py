@@ -297,12 +297,65 @@ def tiny_raft() -> RAFT:
     return RAFT(small=True, iters=2)
 
 
+_TV_ENCODERS = {"feature_encoder.": "fnet.", "context_encoder.": "cnet."}
+_TV_UPDATE = {"motion_encoder.convcorr1.0.": "encoder.convc1.", "motion_encoder.convcorr2.0.": "encoder.convc2.",
+              "motion_encoder.convflow1.0.": "encoder.convf1.", "motion_encoder.convflow2.0.": "encoder.convf2.",
+              "motion_encoder.conv.0.": "encoder.conv.", "flow_head.": "flow_head."}
+
+
+def torchvision_to_princeton(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a torchvision ``raft_large``/``raft_small`` state dict to princeton-vl keys.
+
+    torchvision wraps each conv+norm in ``Conv2dNormActivation`` (``convnormrelu{k}.0/1``),
+    calls the encoders ``feature_encoder``/``context_encoder``, the GRU ``recurrent_block``
+    and the upsampling mask ``mask_predictor``. The downsample norm is also registered as
+    ``norm3`` (residual) / ``norm4`` (bottleneck) in the original layout, so it is copied.
+    """
+    import re
+
+    small = "update_block.recurrent_block.convgru2.convz.weight" not in state
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        new = None
+        for tv, pv in _TV_ENCODERS.items():
+            if key.startswith(tv):
+                rest = key[len(tv):]
+                rest = re.sub(r"^convnormrelu\.0\.", "conv1.", rest)
+                rest = re.sub(r"^convnormrelu\.1\.", "norm1.", rest)
+                rest = re.sub(r"\.convnormrelu(\d)\.0\.", r".conv\1.", rest)
+                rest = re.sub(r"\.convnormrelu(\d)\.1\.", r".norm\1.", rest)
+                rest = re.sub(r"^conv\.", "conv2.", rest)
+                new = pv + rest
+                m = re.match(r"^(layer\d\.\d)\.downsample\.1\.(.*)$", rest)
+                if m:
+                    out[f"{pv}{m.group(1)}.{'norm4' if small else 'norm3'}.{m.group(2)}"] = value
+        if key.startswith("update_block."):
+            rest = key[len("update_block."):]
+            for tv, pv in _TV_UPDATE.items():
+                if rest.startswith(tv):
+                    new = "update_block." + pv + rest[len(tv):]
+            m = re.match(r"^recurrent_block\.convgru(\d)\.conv([zrq])\.(.*)$", rest)
+            if m:
+                gate = f"conv{m.group(2)}" if small else f"conv{m.group(2)}{m.group(1)}"
+                new = f"update_block.gru.{gate}.{m.group(3)}"
+        if key.startswith("mask_predictor."):
+            new = key.replace("mask_predictor.convrelu.0.", "update_block.mask.0.").replace(
+                "mask_predictor.conv.", "update_block.mask.2.")
+        if new is None:
+            raise CheckpointError(f"torchvision RAFT key {key!r} has no counterpart in the RAFT layout")
+        out[new] = value
+    return out
+
+
 def load_raft(path, iters: int = 10, input_range: str = "unit") -> RAFT:
-    """princeton-vl ``raft-things.pth`` / ``raft-small.pth`` (``module.`` prefixes stripped)
-    or a vpure safetensors file; large vs small is read from the feature encoder's width."""
+    """princeton-vl ``raft-things.pth`` / ``raft-small.pth`` (``module.`` prefixes stripped),
+    torchvision ``raft_large``/``raft_small`` state dicts (renamed), or a vpure safetensors
+    file; large vs small is read from the feature encoder's width."""
     from ..checkpoint import load_into, read_state_dict
 
     state, _ = read_state_dict(path)
+    if any(k.startswith("feature_encoder.") for k in state):
+        state = torchvision_to_princeton(state)
     w = state.get("fnet.conv1.weight")
     if w is None:
         raise CheckpointError(f"{path}: no fnet.conv1.weight, not a RAFT checkpoint in the princeton-vl layout")
