@@ -1,0 +1,66 @@
+"""Forward latency per registered component (tiny configs) and the real-size recognisers and
+flow networks at one clip, torch eager fp32 on this machine.
+
+Run from the repository root:  .venv/bin/python -m benchmarks.bench_models [--tiny-only] [--csv PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from vpure.runtime import benchmark, registry
+
+
+def _real_size():
+    from vpure.runtime.models.i3d import i3d_nl5_resnet50
+    from vpure.runtime.models.raft import RAFTFlow, raft_large, raft_small
+    from vpure.runtime.models.slowfast import slowfast_r50
+
+    g = torch.Generator().manual_seed(0)
+    clip32 = torch.rand(1, 3, 32, 224, 224, generator=g)
+    clip16 = clip32[:, :, :16].contiguous()
+    yield "raft_large (10 iters), 31 pairs 224x224", RAFTFlow(raft_large(10), pairs_per_call=8), clip32
+    yield "raft_small (10 iters), 31 pairs 224x224", RAFTFlow(raft_small(10), pairs_per_call=8), clip32
+    yield "i3d_nl5_r50, 32x224x224", i3d_nl5_resnet50(400).eval(), clip32
+    yield "slowfast_r50, 32x224x224", slowfast_r50(400).eval(), clip32
+    try:
+        from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+        from vpure.runtime.models.videomae import VideoMAERecognizer
+
+        vmae = VideoMAERecognizer(VideoMAEForVideoClassification(VideoMAEConfig(num_labels=400))).eval()
+        yield "videomae_base, 16x224x224", vmae, clip16
+    except ImportError as e:  # pragma: no cover - transformers is a dependency
+        print(f"videomae skipped: {e}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny-only", action="store_true")
+    p.add_argument("--csv", default="benchmarks/results/results.csv")
+    args = p.parse_args(argv)
+    for spec in registry.components():
+        module = spec.build(seed=0)
+        inputs = spec.sample_inputs(seed=0)
+
+        def fwd(m=module, x=inputs):
+            with torch.inference_mode():
+                return m(*x.values())
+
+        benchmark.run("model_forward", f"{spec.name} tiny {dict(spec.dims('opt'))}", benchmark.Case(spec.name, fwd),
+                      [], csv_path=args.csv, min_iters=5, min_time_s=0.5)
+    if args.tiny_only:
+        return
+    for name, module, clip in _real_size():
+        def fwd(m=module, x=clip):
+            with torch.inference_mode():
+                return m(x)
+
+        benchmark.run("model_forward", name, benchmark.Case(name.split(",")[0], fwd), [], csv_path=args.csv,
+                      min_iters=3, min_time_s=0.0, warmup=1)
+
+
+if __name__ == "__main__":
+    main()
