@@ -124,3 +124,18 @@ def test_torchvision_state_dicts_load(tmp_path, small):
     a, b = torch.rand(1, 3, 128, 128), torch.rand(1, 3, 128, 128)
     with torch.inference_mode():
         assert torch.equal(loaded(a, b), model(a, b))
+
+
+def test_raft_exports_to_onnx_with_fixed_iterations():
+    import io
+
+    ort = pytest.importorskip("onnxruntime")
+    spec = registry.get("raft")
+    model, inputs = spec.build(seed=0), spec.sample_inputs(seed=0)
+    buf = io.BytesIO()
+    torch.onnx.export(model, tuple(inputs.values()), buf, input_names=list(spec.input_names),
+                      output_names=list(spec.output_names), opset_version=spec.opset, dynamo=False)
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
+    with torch.inference_mode():
+        assert_close(torch.from_numpy(out), model(*inputs.values()), atol=spec.tolerance.fp32_atol, name="raft onnx")

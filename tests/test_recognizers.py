@@ -112,3 +112,23 @@ def test_slowfast_r50_layout_and_checkpoints(tmp_path):
     torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="not a pytorchvideo SlowFast"):
         load_slowfast(tmp_path / "bad.pth")
+
+
+def test_deflated_i3d_frame_classifier_is_exact_on_static_frames():
+    from vpure.runtime.models.deflate import DeflatedI3DFrameClassifier, _conv2d_from_3d
+
+    torch.manual_seed(0)
+    conv3 = torch.nn.Conv3d(4, 6, (3, 3, 3), padding=(1, 1, 1))
+    frame = torch.rand(1, 4, 1, 10, 12)
+    static = frame.expand(1, 4, 7, 10, 12)
+    with torch.inference_mode():
+        # away from the temporal borders, a 3D conv over a static clip is the summed 2D conv
+        assert torch.allclose(conv3(static)[:, :, 3], _conv2d_from_3d(conv3)(frame[:, :, 0]), atol=1e-5)
+    i3d = registry.get("i3d_nl5_r50").build(seed=0)
+    fc = DeflatedI3DFrameClassifier(i3d)
+    with torch.inference_mode():
+        out = fc(torch.rand(2, 3, 5, 64, 64))
+    assert out.shape == (2, 5, i3d.fc.out_features)
+    from vpure.runtime.detect import Detector
+
+    assert len(Detector(fc)(torch.rand(1, 3, 6, 64, 64)).route) == 1
