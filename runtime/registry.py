@@ -162,6 +162,10 @@ class ComponentSpec:
         return out
 
 
+# The contract every clip recogniser shares: (B, 3, T, H, W) in [0, 1] -> logits (B, K).
+RECOGNIZER_IO = dict(inputs=(TensorSpec("frames", ("B", 3, "T", "H", "W")),),
+                     outputs=(TensorSpec("logits", ("B", "K")),))
+
 _REGISTRY: dict[str, ComponentSpec] = {}
 _BUILTIN_MODULES = ("vpure.runtime.models.diffusion", "vpure.runtime.models.frame_classifier",
                     "vpure.runtime.models.comdefend", "vpure.runtime.models.i3d", "vpure.runtime.models.raft",

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..registry import ComponentSpec, Role, TensorSpec, register
+from ..registry import RECOGNIZER_IO, ComponentSpec, Role, register
 from .frame_classifier import IMAGENET_MEAN, IMAGENET_STD
 
 R50_BLOCKS = (3, 4, 6, 3)
@@ -157,8 +157,7 @@ def load_i3d(path, **overrides) -> I3DResNet:
 
 register(ComponentSpec(
     name="i3d_nl5_r50", role=Role.RECOGNIZER,
-    inputs=(TensorSpec("frames", ("B", 3, "T", "H", "W")),),
-    outputs=(TensorSpec("logits", ("B", "K")),),
+    **RECOGNIZER_IO,
     # T >= 8: the stem and pool2 divide time by 8.
     profile={"B": (1, 1, 2), "T": (8, 8, 32), "H": (64, 64, 64), "W": (64, 64, 64), "K": (5, 5, 5)},
     build_tiny=f"{__name__}:tiny_i3d",

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, InputError
-from ..registry import ComponentSpec, Role, TensorSpec, register
+from ..registry import RECOGNIZER_IO, ComponentSpec, Role, register
 
 KINETICS_MEAN, KINETICS_STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)
 R50_DEPTHS = (3, 4, 6, 3)
@@ -184,8 +184,7 @@ def load_slowfast(path, **overrides) -> SlowFast:
 
 register(ComponentSpec(
     name="slowfast_r50", role=Role.RECOGNIZER,
-    inputs=(TensorSpec("frames", ("B", 3, "T", "H", "W")),),
-    outputs=(TensorSpec("logits", ("B", "K")),),
+    **RECOGNIZER_IO,
     profile={"B": (1, 1, 2), "T": (8, 8, 32), "H": (64, 64, 64), "W": (64, 64, 64), "K": (5, 5, 5)},
     build_tiny=f"{__name__}:tiny_slowfast",
     loader=f"{__name__}:load_slowfast",

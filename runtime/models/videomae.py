@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..registry import ComponentSpec, Role, TensorSpec, register
+from ..registry import RECOGNIZER_IO, ComponentSpec, Role, register
 from .frame_classifier import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -58,8 +58,7 @@ def load_videomae(path, dtype: torch.dtype = torch.float32) -> VideoMAERecognize
 
 register(ComponentSpec(
     name="videomae", role=Role.RECOGNIZER,
-    inputs=(TensorSpec("frames", ("B", 3, "T", "H", "W")),),
-    outputs=(TensorSpec("logits", ("B", "K")),),
+    **RECOGNIZER_IO,
     profile={"B": (1, 1, 2), "T": (4, 4, 4), "H": (32, 32, 32), "W": (32, 32, 32), "K": (5, 5, 5)},
     build_tiny=f"{__name__}:tiny_videomae",
     loader=f"{__name__}:load_videomae",
