@@ -76,11 +76,12 @@ def main(argv=None) -> None:
 
     shields = {size: Shield(r18, i3d, comdefend=tiny_comdefend().eval(),
                             config=ShieldConfig(dense="comdefend", detection=DetectionConfig(frame_size=size)))
-               for size in (0, 112)}
+               for size in (0, 112, 96)}
     benchmark.run("shield_clean", "vtest.avi 32x224x224, I3D-NL5-R50 recogniser",
                   benchmark.Case("i3d_nl5_r50 alone", i3d_alone),
                   [benchmark.Case("shield, resnet18 gate at 224", lambda: shields[0](clip), same_label),
-                   benchmark.Case("shield, resnet18 gate at 112", lambda: shields[112](clip), same_label)],
+                   benchmark.Case("shield, resnet18 gate at 112", lambda: shields[112](clip), same_label),
+                   benchmark.Case("shield, resnet18 gate at 96", lambda: shields[96](clip), same_label)],
                   csv_path=args.csv, min_iters=5, min_time_s=2.0, warmup=1)
 
 

@@ -132,3 +132,13 @@ def test_deflated_i3d_frame_classifier_is_exact_on_static_frames():
     from vpure.runtime.detect import Detector
 
     assert len(Detector(fc)(torch.rand(1, 3, 6, 64, 64)).route) == 1
+
+
+@pytest.mark.parametrize("name", ["slowfast_r50", "videomae", "i3d_nl5_r50"])
+def test_recognizer_batch_invariance(name):
+    spec = registry.get(name)
+    m = spec.build(seed=0)
+    x = spec.sample_inputs(dims={"B": 2}, seed=3)["frames"]
+    with torch.inference_mode():
+        both = m(x)
+        assert torch.allclose(m(x[:1])[0], both[0], atol=1e-5) and torch.allclose(m(x[1:])[0], both[1], atol=1e-5)
