@@ -95,6 +95,11 @@ class ComponentSpec:
     tolerance: Tolerance = Tolerance()
     # Op types the fp16 conversion keeps in fp32 for this component.
     fp32_ops: tuple[str, ...] = ()
+    # Op types int8 quantisation leaves in float (in addition to fp32_ops).
+    int8_float_ops: tuple[str, ...] = ()
+    # Engine precisions this component is validated for, and why others are not.
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    precision_note: str = ""
     doc: str = ""
     tags: tuple[str, ...] = field(default_factory=tuple)
 

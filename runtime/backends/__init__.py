@@ -18,6 +18,7 @@ from .base import Backend
 # backend name -> "module:factory"; a factory is (spec, choice, *, module, device, engines_dir).
 _FACTORIES: dict[str, str] = {
     "torch": "vpure.runtime.backends.torch_backend:create",
+    "onnxruntime": "vpure.runtime.backends.ort_backend:create",
 }
 
 

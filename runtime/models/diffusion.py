@@ -156,6 +156,8 @@ register(ComponentSpec(
     exporter_reason="the dynamo exporter fails on UNet3D's batch-2 temporal reshapes; TorchScript tracing handles them",
     tolerance=Tolerance(fp32_atol=1e-4, fp32_rtol=1e-3, fp16_sqnr_db=35.0, int8_sqnr_db=15.0),
     fp32_ops=("GroupNormalization", "InstanceNormalization", "Softmax"),
+    # int8 covers the convolutions; attention, time embedding and norms stay float.
+    int8_float_ops=("MatMul", "Gemm", "Sin", "Cos", "Mul", "Add", "Div", "Sigmoid"),
     doc="UNet3D noise predictor conditioned on the baked empty-prompt embedding",
 ))
 register(ComponentSpec(

@@ -159,7 +159,7 @@ register(ComponentSpec(
     name="i3d_nl5_r50", role=Role.RECOGNIZER,
     **RECOGNIZER_IO,
     # T >= 8: the stem and pool2 divide time by 8.
-    profile={"B": (1, 1, 2), "T": (8, 8, 32), "H": (64, 64, 64), "W": (64, 64, 64), "K": (5, 5, 5)},
+    profile={"B": (1, 1, 8), "T": (8, 8, 32), "H": (64, 64, 64), "W": (64, 64, 64), "K": (5, 5, 5)},
     build_tiny=f"{__name__}:tiny_i3d",
     loader=f"{__name__}:load_i3d",
     exporter="legacy", exporter_reason="3D convs, bmm and softmax only; tracing is stable",

@@ -374,5 +374,8 @@ register(ComponentSpec(
     opset=17,
     tolerance=Tolerance(fp32_atol=1e-3, fp32_rtol=1e-3, fp16_sqnr_db=25.0, int8_sqnr_db=10.0),
     fp32_ops=("InstanceNormalization", "Softmax", "GridSample"),
+    precisions=("fp32", "fp16"),
+    precision_note="int8 RAFT misses 10 dB SQNR even with the update block in float: quantised encoder "
+                   "features corrupt the correlation volume that every iteration reads",
     doc="RAFT optical flow (princeton-vl layout), fixed iterations; frame pairs batched",
 ))

@@ -185,7 +185,7 @@ def load_slowfast(path, **overrides) -> SlowFast:
 register(ComponentSpec(
     name="slowfast_r50", role=Role.RECOGNIZER,
     **RECOGNIZER_IO,
-    profile={"B": (1, 1, 2), "T": (8, 8, 32), "H": (64, 64, 64), "W": (64, 64, 64), "K": (5, 5, 5)},
+    profile={"B": (1, 1, 8), "T": (8, 8, 32), "H": (64, 64, 64), "W": (64, 64, 64), "K": (5, 5, 5)},
     build_tiny=f"{__name__}:tiny_slowfast",
     loader=f"{__name__}:load_slowfast",
     exporter="legacy", exporter_reason="two pathways of 3D convs; tracing is stable",

@@ -59,10 +59,10 @@ def load_videomae(path, dtype: torch.dtype = torch.float32) -> VideoMAERecognize
 register(ComponentSpec(
     name="videomae", role=Role.RECOGNIZER,
     **RECOGNIZER_IO,
-    profile={"B": (1, 1, 2), "T": (4, 4, 4), "H": (32, 32, 32), "W": (32, 32, 32), "K": (5, 5, 5)},
+    profile={"B": (1, 1, 8), "T": (4, 4, 4), "H": (32, 32, 32), "W": (32, 32, 32), "K": (5, 5, 5)},
     build_tiny=f"{__name__}:tiny_videomae",
     loader=f"{__name__}:load_videomae",
-    exporter="dynamo", exporter_reason="transformer attention exports cleanly through the dynamo exporter",
+    exporter="legacy", exporter_reason="fixed T, H, W: TorchScript tracing handles the attention graph without onnxscript",
     fp32_ops=("Softmax", "LayerNormalization"),
     doc="VideoMAE video transformer (transformers), loaded from a local folder",
 ))

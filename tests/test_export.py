@@ -1,0 +1,137 @@
+"""Registry-wide export: every component, every precision, refusals, VideoPure on ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+
+from vpure.export import export_component
+from vpure.runtime import artifacts, registry
+from vpure.runtime.backends import create_backend
+from vpure.runtime.errors import ArtifactError, InputError
+from vpure.runtime.precision import Precision
+from vpure.runtime.runconfig import ComponentChoice
+
+SPECS = list(registry.components())
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    warnings.filterwarnings("ignore")
+    logging.getLogger("root").setLevel(logging.ERROR)
+    return tmp_path_factory.mktemp("engines")
+
+
+CASES = [(spec, p) for spec in SPECS for p in spec.precisions]
+
+
+@pytest.mark.parametrize("spec, precision", CASES, ids=lambda c: getattr(c, "name", c))
+def test_every_component_exports_and_meets_its_declared_tolerance(spec, precision, engines):
+    module = spec.build(seed=0)
+    path = export_component(spec, module, engines, precision)
+    side = artifacts.read_sidecar(path)
+    assert side["component"] == spec.name and side["precision"] == precision and side["opset"] == spec.opset
+    tol = spec.tolerance
+    if precision == "fp32":
+        assert side["parity"]["max_abs"] <= tol.fp32_atol + 10 * tol.fp32_rtol
+    else:
+        assert side["parity"]["sqnr_db"] >= (tol.fp16_sqnr_db if precision == "fp16" else tol.int8_sqnr_db)
+    backend = create_backend(spec, ComponentChoice(backend="onnxruntime", precision=precision), engines_dir=engines)
+    inputs = spec.sample_inputs(seed=11)
+    out = backend(**inputs)
+    with torch.inference_mode():
+        ref = module(*inputs.values())
+    ref = ref if isinstance(ref, (tuple, list)) else (ref,)
+    for name, r in zip(spec.output_names, ref):
+        assert out[name].shape == r.shape
+        if precision == "fp32":
+            assert torch.allclose(out[name], r.float(), atol=tol.fp32_atol, rtol=tol.fp32_rtol), name
+
+
+def test_export_is_idempotent(engines):
+    spec = registry.get("frame_classifier")
+    module = spec.build(seed=0)
+    first = export_component(spec, module, engines, "fp32")
+    stamp = first.stat().st_mtime_ns
+    assert export_component(spec, module, engines, "fp32") == first and first.stat().st_mtime_ns == stamp
+    other = spec.build(seed=1)  # different weights: rebuilt
+    export_component(spec, other, engines, "fp32")
+    assert json.loads(artifacts.sidecar_path(first).read_text())["source_sha256"] != ""
+    assert first.stat().st_mtime_ns != stamp
+
+
+def test_refusals(engines, tmp_path):
+    spec = registry.get("comdefend")
+    path = export_component(spec, spec.build(seed=0), tmp_path, "fp32")
+    choice = ComponentChoice(backend="onnxruntime")
+    # wrong precision request: only fp32 was built here
+    with pytest.raises(ArtifactError, match="no fp16 artefact for component 'comdefend'"):
+        create_backend(spec, ComponentChoice(backend="onnxruntime", precision="fp16"), engines_dir=tmp_path)
+    # shape outside the profile
+    backend = create_backend(spec, choice, engines_dir=tmp_path)
+    with pytest.raises(InputError, match="outside the artefact's profile"):
+        backend(frames=torch.rand(1, 3, 17, 64, 64))
+    # tampered ONNX file
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="changed since it was built"):
+        create_backend(spec, choice, engines_dir=tmp_path)
+    # missing sidecar
+    artifacts.sidecar_path(path).unlink()
+    with pytest.raises(ArtifactError, match="has no sidecar"):
+        create_backend(spec, choice, engines_dir=tmp_path)
+    # a sidecar that belongs to another request
+    good = export_component(spec, spec.build(seed=0), tmp_path / "b", "fp32")
+    side = json.loads(artifacts.sidecar_path(good).read_text())
+    side["precision"] = "fp16"
+    artifacts.sidecar_path(good).write_text(json.dumps(side))
+    with pytest.raises(ArtifactError, match="sidecar says precision='fp16'"):
+        artifacts.verify(good, spec, Precision.FP32)
+    with pytest.raises(ArtifactError, match="bf16 artefacts are not offered"):
+        export_component(spec, spec.build(seed=0), tmp_path, "bf16")
+    raft = registry.get("raft")
+    with pytest.raises(ArtifactError, match="int8 artefacts are not offered.*correlation volume"):
+        export_component(raft, raft.build(seed=0), tmp_path, "int8")
+
+
+def test_videopure_on_onnxruntime_matches_torch(engines, data_dir):
+    from tinyworld import real_clip
+
+    from vpure.runtime.defence import VideoPure
+    from vpure.runtime.flow import DISFlow
+    from vpure.runtime.models.diffusion import eps_fn_of
+
+    names = ("unet", "vae_encoder", "vae_decoder", "i3d_nl5_r50")
+    mods = {n: registry.get(n).build(seed=0) for n in names}
+    ort = {}
+    for n in names:
+        export_component(registry.get(n), mods[n], engines, "fp32")
+        ort[n] = create_backend(registry.get(n), ComponentChoice(backend="onnxruntime"), engines_dir=engines)
+
+    def eps_ort(z, t):
+        return ort["unet"](latents=z, timestep=torch.tensor([int(t)]))["eps"]
+
+    clip = real_clip(data_dir, frames=8, size=64)
+    flow = DISFlow("fast")
+    vp_torch = VideoPure(eps_fn_of(mods["unet"]), mods["vae_encoder"], mods["vae_decoder"], mods["i3d_nl5_r50"], flow)
+    vp_ort = VideoPure(eps_ort, lambda x: ort["vae_encoder"](frames=x)["latents"],
+                       lambda z: ort["vae_decoder"](latents=z)["frames"],
+                       lambda x: ort["i3d_nl5_r50"](frames=x)["logits"], flow)
+    a, b = vp_torch(clip), vp_ort(clip)
+    assert torch.equal(a.member_labels, b.member_labels) and torch.equal(a.label, b.label)
+
+
+def test_export_cli(tmp_path, capsys):
+    from vpure.runtime.cli import main
+
+    code = main(["export", "--tiny", "--components", "frame_classifier,raft", "--precision", "fp32,int8",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| frame_classifier | int8 |" in out and "skipping raft int8" in out
+    assert len(list(tmp_path.glob("*.onnx"))) == 3 and len(list(tmp_path.glob("*.json"))) == 3
