@@ -135,3 +135,23 @@ def test_export_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| frame_classifier | int8 |" in out and "skipping raft int8" in out
     assert len(list(tmp_path.glob("*.onnx"))) == 3 and len(list(tmp_path.glob("*.json"))) == 3
+
+
+def test_swapping_engines_is_a_config_change(tmp_path):
+    from vpure.runtime.backends import backend_from_config
+    from vpure.runtime.runconfig import RuntimeConfig
+
+    spec = registry.get("frame_classifier")
+    module = spec.build(seed=0)
+    for p in ("fp32", "int8"):
+        export_component(spec, module, tmp_path, p)
+    x = spec.sample_inputs(seed=5)
+    outs = {}
+    for p in ("fp32", "int8"):
+        toml = f'engines_dir = "{tmp_path}"\n[components.frame_classifier]\nbackend = "onnxruntime"\nprecision = "{p}"\n'
+        cfg = RuntimeConfig.from_toml(toml)
+        backend = backend_from_config(cfg, "frame_classifier")
+        assert backend.precision.value == p and backend.name == "onnxruntime"
+        outs[p] = backend(**x)["logits"]
+    torch_out = backend_from_config(RuntimeConfig(), "frame_classifier", module=module)(**x)["logits"]
+    assert torch.allclose(outs["fp32"], torch_out, atol=1e-4) and not torch.equal(outs["int8"], outs["fp32"])

@@ -43,4 +43,12 @@ def create_backend(spec: ComponentSpec, choice: ComponentChoice, *, module: Any 
     return factory(spec, choice, module=module, device=device, engines_dir=engines_dir)
 
 
-__all__ = ["Backend", "backend_names", "create_backend", "register_backend"]
+def backend_from_config(config, name: str, *, module: Any = None) -> Backend:
+    """The backend a :class:`~vpure.runtime.runconfig.RuntimeConfig` chooses for component ``name``."""
+    from ..registry import get
+
+    return create_backend(get(name), config.choice(name), module=module, device=config.device,
+                          engines_dir=config.engines_dir)
+
+
+__all__ = ["Backend", "backend_from_config", "backend_names", "create_backend", "register_backend"]
