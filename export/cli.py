@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                                     source="tiny random-init" if args.tiny else "checkpoint")
             side = json.loads(artifacts.sidecar_path(path).read_text())
             rows.append((spec.name, precision.value, side["parity"], path.name, side["kept_fp32"]))
-    print(f"\n| component | precision | max abs err | SQNR dB | kept in float | artefact |\n|---|---|---|---|---|---|")
+    print("\n| component | precision | max abs err | SQNR dB | kept in float | artefact |\n|---|---|---|---|---|---|")
     for name, prec, parity, fname, kept in rows:
         print(f"| {name} | {prec} | {parity['max_abs']:.3g} | {parity['sqnr_db']:.1f} | {', '.join(kept) or '-'} | {fname} |")
     return 0

@@ -40,7 +40,6 @@ class DISFlow:
         self._dis = cv2.DISOpticalFlow_create(getattr(cv2, f"DISOPTICAL_FLOW_PRESET_{preset.upper()}"))
 
     def __call__(self, frames: torch.Tensor, input_range: str = "unit") -> torch.Tensor:
-        import cv2
 
         if frames.ndim != 5 or frames.shape[1] != 3:
             raise InputError(f"frames must be (B, 3, T, H, W), got {tuple(frames.shape)}")

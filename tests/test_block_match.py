@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vpure.kernels import KernelError, block_match, motion_compensate
-from vpure.kernels.block_match import block_match_ref, block_match_triton
+from vpure.kernels.block_match import block_match_triton
 
 FAST = ["native", "torch"]
 

@@ -6,7 +6,6 @@ the Triton interpreter in the CPU tier.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -7,7 +7,7 @@ import torch
 
 from vpure.runtime import registry
 from vpure.runtime.errors import CheckpointError
-from vpure.runtime.models.i3d import I3DResNet, i3d_nl5_resnet50, i3d_resnet50, load_i3d
+from vpure.runtime.models.i3d import i3d_nl5_resnet50, i3d_resnet50, load_i3d
 
 
 def test_i3d_nl5_r50_has_the_gluoncv_layout():
