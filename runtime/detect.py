@@ -18,6 +18,7 @@ import torch
 
 from .config import ConfigBase, check
 from .errors import InputError
+from .models.layout import batch_to_frames, frames_to_batch
 
 ROUTES = ("clean", "sparse", "dense")
 
@@ -89,10 +90,9 @@ class Detector:
         s = self.config.frame_size
         if not s or clip.shape[-2:] == (s, s):
             return clip
-        b, c, t, h, w = clip.shape
-        x = clip.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w).float()
+        x = frames_to_batch(clip).float()
         x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-        return x.reshape(b, t, c, s, s).permute(0, 2, 1, 3, 4)
+        return batch_to_frames(x, clip.shape[0])
 
     @torch.inference_mode()
     def frame_labels(self, clip: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..registry import ComponentSpec, Role, TensorSpec, register
+from .layout import batch_to_frames, frames_to_batch
 
 COM_WIDTHS = (16, 32, 64, 128, 256, 128, 64, 32)
 REC_WIDTHS = (32, 64, 128, 256, 128, 64, 32, 16)
@@ -47,10 +48,7 @@ class ComDefend(nn.Module):
         return torch.sigmoid(self.rec(code))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        b, c, t, h, w = frames.shape
-        x = frames.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-        y = self.decode(self.encode(x))
-        return y.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+        return batch_to_frames(self.decode(self.encode(frames_to_batch(frames))), frames.shape[0])
 
 
 def comdefend_config(model: ComDefend) -> dict:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .i3d import I3DResNet
+from .layout import frames_to_batch
 
 
 def _conv2d_from_3d(conv: nn.Conv3d) -> nn.Conv2d:
@@ -65,7 +66,7 @@ class DeflatedI3DFrameClassifier(nn.Module):
         self.eval()
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        b, c, t, h, w = frames.shape
-        x = (frames.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w) - self.mean) / self.std
+        b, t = frames.shape[0], frames.shape[2]
+        x = (frames_to_batch(frames) - self.mean) / self.std
         x = self.stages(self.stem(x)).mean(dim=(2, 3))
         return self.fc(x).reshape(b, t, -1)

@@ -15,16 +15,7 @@ import torch
 from torch import nn
 
 from ..registry import ComponentSpec, Role, TensorSpec, Tolerance, register
-
-
-def _frames_to_batch(x: torch.Tensor) -> torch.Tensor:
-    b, c, t, h, w = x.shape
-    return x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-
-
-def _batch_to_frames(x: torch.Tensor, b: int) -> torch.Tensor:
-    bt, c, h, w = x.shape
-    return x.reshape(b, bt // b, c, h, w).permute(0, 2, 1, 3, 4)
+from .layout import batch_to_frames, frames_to_batch
 
 
 class EpsUNet(nn.Module):
@@ -61,12 +52,12 @@ class VAEEncoder(nn.Module):
         return h[:, : self.latent_channels] * self.scaling_factor
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        x = _frames_to_batch(frames)
+        x = frames_to_batch(frames)
         if self.chunk and x.shape[0] > self.chunk and not torch.jit.is_tracing():
             z = torch.cat([self._encode(p) for p in x.split(self.chunk)])
         else:
             z = self._encode(x)
-        return _batch_to_frames(z, frames.shape[0])
+        return batch_to_frames(z, frames.shape[0])
 
 
 class VAEDecoder(nn.Module):
@@ -86,12 +77,12 @@ class VAEDecoder(nn.Module):
         return (self.decoder(z) * 0.5 + 0.5).clamp(0.0, 1.0)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        z = _frames_to_batch(latents)
+        z = frames_to_batch(latents)
         if self.chunk and z.shape[0] > self.chunk and not torch.jit.is_tracing():
             x = torch.cat([self._decode(p) for p in z.split(self.chunk)])
         else:
             x = self._decode(z)
-        return _batch_to_frames(x, latents.shape[0])
+        return batch_to_frames(x, latents.shape[0])
 
 
 # -- tiny random-init configurations (tests, CI) -----------------------------------

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..registry import ComponentSpec, Role, TensorSpec, register
+from .layout import frames_to_batch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,9 +58,8 @@ class FrameClassifier(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        b, c, t, h, w = frames.shape
-        x = frames.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-        x = (x - self.mean) / self.std
+        b, t = frames.shape[0], frames.shape[2]
+        x = (frames_to_batch(frames) - self.mean) / self.std
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for i in range(self.n_layers):
             x = getattr(self, f"layer{i + 1}")(x)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InputError
 from ..registry import ComponentSpec, Role, TensorSpec, Tolerance, register
+from .layout import frames_to_batch
 
 INPUT_RANGES = ("unit", "native")
 
@@ -275,7 +276,7 @@ class RAFTFlow:
             raise InputError(f"frames must be (B, 3, T>=2, H, W), got {tuple(frames.shape)}")
         b, _, t, h, w = frames.shape
         ph, pw = max((-h) % 8, self.model.min_size - h), max((-w) % 8, self.model.min_size - w)
-        x = frames.permute(0, 2, 1, 3, 4).reshape(b * t, 3, h, w)
+        x = frames_to_batch(frames)
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
         x = x.reshape(b, t, 3, h + ph, w + pw)
