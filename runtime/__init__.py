@@ -4,9 +4,6 @@ Importing this package is cheap: it never imports onnx, TensorRT, Triton or
 ``vpure.export`` and never initialises CUDA. Submodules are imported on use.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from .versions import package_version as _package_version
 
-try:
-    __version__ = _version("vpure")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0+unknown"
+__version__ = _package_version("vpure") or "0+unknown"  # "unknown" when run from an uninstalled tree

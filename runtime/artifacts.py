@@ -12,7 +12,6 @@ artefacts; this module only names, reads and checks them, so the runtime never i
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata as md
 import json
 from pathlib import Path
 from typing import Any
@@ -20,19 +19,13 @@ from typing import Any
 from .errors import ArtifactError
 from .precision import CalibrationRecipe, Precision
 from .registry import ComponentSpec
+from .versions import package_version
 
 SIDECAR_VERSION = 1
 
 
-def _version(dist: str) -> str:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return "none"
-
-
 def toolchain() -> dict[str, str]:
-    return {"torch": _version("torch"), "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")}
+    return {d: package_version(d) or "none" for d in ("torch", "onnx", "onnxruntime")}
 
 
 def toolchain_id() -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import importlib.metadata as md
 import os
 import platform
 import statistics
@@ -21,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from .versions import package_version
 
 CSV_FIELDS = ("timestamp", "machine", "device", "commit", "torch", "vpure", "group", "config", "case",
               "p50_ms", "p90_ms", "p99_ms", "n", "speedup_vs_ref", "reference", "parity", "note")
@@ -142,16 +143,10 @@ def append_csv(path: str | Path, group: str, config: str, reference: str, rows: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
-
-    def version(dist: str) -> str:
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return ""
-
     common = {"timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine_id(), "device": device_name(device), "commit": git_commit(),
-              "torch": version("torch"), "vpure": version("vpure"), "group": group, "config": config,
+              "torch": package_version("torch") or "", "vpure": package_version("vpure") or "",
+              "group": group, "config": config,
               "reference": reference}
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)

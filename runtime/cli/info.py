@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import importlib.util
 import json
 import platform
 import sys
 from typing import Any
+
+from vpure.runtime.versions import package_version
 
 _PACKAGES = ("vpure", "torch", "numpy", "diffusers", "transformers", "safetensors", "onnx",
              "onnxruntime", "onnxruntime-gpu", "tensorrt", "triton", "cupy-cuda12x", "av",
@@ -17,13 +18,6 @@ _PACKAGES = ("vpure", "torch", "numpy", "diffusers", "transformers", "safetensor
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
 
 
 def _onnxruntime() -> dict[str, Any]:
@@ -41,7 +35,7 @@ def _onnxruntime() -> dict[str, Any]:
 def _tensorrt() -> dict[str, Any]:
     if importlib.util.find_spec("tensorrt") is None:
         return {"available": False, "reason": "tensorrt is not installed (pip install 'vpure[tensorrt]')"}
-    return {"available": True, "version": _version("tensorrt")}
+    return {"available": True, "version": package_version("tensorrt")}
 
 
 def collect() -> dict[str, Any]:
@@ -58,7 +52,7 @@ def collect() -> dict[str, Any]:
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "packages": {p: _version(p) for p in _PACKAGES if _version(p) is not None},
+        "packages": {p: v for p in _PACKAGES if (v := package_version(p)) is not None},
         "cuda": {"available": cuda, "torch_cuda": torch.version.cuda,
                  "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []},
         "backends": {"torch": {"available": True, "devices": ["cpu"] + (["cuda"] if cuda else [])},
