@@ -24,6 +24,7 @@ import torch
 from vpure.runtime import artifacts
 from vpure.runtime.errors import ArtifactError
 from vpure.runtime.log import get_logger
+from vpure.runtime.metrics import sqnr_db
 from vpure.runtime.precision import CalibrationRecipe, Precision
 from vpure.runtime.registry import ComponentSpec
 
@@ -126,11 +127,9 @@ def _parity(spec: ComponentSpec, module: torch.nn.Module, model_bytes: bytes) ->
         refs = ref if isinstance(ref, (tuple, list)) else (ref,)
         outs = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
         for r, o in zip(refs, outs):
-            r = r.double().numpy()
-            o = o.astype(np.float64)
-            worst_abs = max(worst_abs, float(np.abs(o - r).max()))
-            noise = float(((o - r) ** 2).sum())
-            worst_sqnr = min(worst_sqnr, math.inf if noise == 0 else 10 * math.log10(float((r ** 2).sum()) / noise))
+            o = torch.from_numpy(np.asarray(o)).double()
+            worst_abs = max(worst_abs, float((o - r.double()).abs().max()))
+            worst_sqnr = min(worst_sqnr, sqnr_db(o, r))
     return {"max_abs": worst_abs, "sqnr_db": worst_sqnr}
 
 
@@ -153,11 +152,9 @@ def export_component(spec: ComponentSpec, module: torch.nn.Module, out_dir: str 
     """Export ``module`` (the component's torch module) to ``out_dir``; returns the ONNX path."""
     precision = Precision.parse(precision)
     if precision.value not in spec.precisions:
+        why = f"; {spec.precision_note}" if spec.precision_note else ""
         raise ArtifactError(f"{spec.name}: {precision.value} artefacts are not offered "
-                            f"(supported: {', '.join(spec.precisions)}; {spec.precision_note})")
-    if precision is Precision.BF16:
-        raise ArtifactError(f"{spec.name}: bf16 ONNX artefacts are not built (ONNX Runtime CPU lacks bf16 kernels); "
-                            f"use fp16 or int8")
+                            f"(supported: {', '.join(spec.precisions)}{why})")
     recipe = calibration or (CalibrationRecipe() if precision is Precision.INT8 else None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

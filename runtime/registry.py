@@ -97,7 +97,8 @@ class ComponentSpec:
     fp32_ops: tuple[str, ...] = ()
     # Op types int8 quantisation leaves in float (in addition to fp32_ops).
     int8_float_ops: tuple[str, ...] = ()
-    # Engine precisions this component is validated for, and why others are not.
+    # Engine precisions this component is validated for, and why others are not (bf16 is a
+    # torch compute precision only: ONNX Runtime's CPU provider has no bf16 kernels).
     precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
     precision_note: str = ""
     doc: str = ""

@@ -85,10 +85,6 @@ def frame_classifier_config(model: FrameClassifier) -> dict:
             "depths": [len(layer) for layer in layers], "stem_width": model.conv1.out_channels}
 
 
-def resnet18_frame_classifier(num_classes: int) -> FrameClassifier:
-    return FrameClassifier(num_classes)
-
-
 def tiny_frame_classifier() -> FrameClassifier:
     return FrameClassifier(num_classes=5, widths=(8, 16), depths=(1, 1), stem_width=8)
 
