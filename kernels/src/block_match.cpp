@@ -16,11 +16,6 @@
 #include <type_traits>
 #include <algorithm>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define VPURE_X86 1
-#endif
-
 #include "common.h"
 
 namespace nb = nanobind;
@@ -41,22 +36,8 @@ inline bool better(S sad, int dy, int dx, S best, int bdy, int bdx) {
   return dx < bdx;
 }
 
-#define VPURE_NS base
-#define VPURE_AVX2 0
-#include "block_match_impl.inc"
-#undef VPURE_AVX2
-#undef VPURE_NS
-
-#ifdef VPURE_X86
-#pragma GCC push_options
-#pragma GCC target("avx2")
-#define VPURE_NS avx2
-#define VPURE_AVX2 1
-#include "block_match_impl.inc"
-#undef VPURE_AVX2
-#undef VPURE_NS
-#pragma GCC pop_options
-#endif
+#define VPURE_ISA_IMPL "block_match_impl.inc"
+#include "isa_copies.h"
 
 template <typename T>
 void run(const T *cur, const T *ref, const Geometry &g, int32_t *mv, float *sad) {

@@ -5,6 +5,11 @@
 #include <omp.h>
 #endif
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define VPURE_X86 1
+#endif
+
 namespace vpure {
 
 inline int max_threads() {

@@ -19,9 +19,6 @@
 
 #include "common.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
 
 namespace nb = nanobind;
 
@@ -29,22 +26,8 @@ namespace {
 
 using In5 = nb::ndarray<const float, nb::ndim<5>, nb::c_contig, nb::device::cpu>;
 
-#define VPURE_NS base
-#define VPURE_AVX2 0
-#include "warp_l1_impl.inc"
-#undef VPURE_AVX2
-#undef VPURE_NS
-#if defined(__x86_64__) || defined(__i386__)
-#pragma GCC push_options
-#pragma GCC target("avx2")
-#define VPURE_NS avx2
-#define VPURE_AVX2 1
-#include "warp_l1_impl.inc"
-#undef VPURE_AVX2
-#undef VPURE_NS
-#pragma GCC pop_options
-#define VPURE_WARP_AVX2 1
-#endif
+#define VPURE_ISA_IMPL "warp_l1_impl.inc"
+#include "isa_copies.h"
 
 nb::tuple warp_l1_grad_impl(In5 x, In5 flow, bool detach_warp, bool need_grad) {
   const int64_t B = x.shape(0), C = x.shape(1), T = x.shape(2), h = x.shape(3), w = x.shape(4);
@@ -63,7 +46,7 @@ nb::tuple warp_l1_grad_impl(In5 x, In5 flow, bool detach_warp, bool need_grad) {
   {
     nb::gil_scoped_release nogil;
     const float s_pos = (float)inv_n;
-#ifdef VPURE_WARP_AVX2
+#ifdef VPURE_X86
     const bool avx2 = vpure::cpu_has_avx2();
 #endif
 #pragma omp parallel
@@ -74,7 +57,7 @@ nb::tuple warp_l1_grad_impl(In5 x, In5 flow, bool detach_warp, bool need_grad) {
       for (int64_t task = 0; task < pairs; ++task) {
         const int64_t b = task / (T - 1), i = task % (T - 1);
         const float *fx = F + ((b * (T - 1) + i) * 2) * hw, *fy = fx + hw;
-#ifdef VPURE_WARP_AVX2
+#ifdef VPURE_X86
         if (avx2) avx2::pair_corners(fx, fy, h, w, idx.data(), wt.data());
         else
 #endif
@@ -83,7 +66,7 @@ nb::tuple warp_l1_grad_impl(In5 x, In5 flow, bool detach_warp, bool need_grad) {
         for (int64_t c = 0; c < C; ++c) {
           const int64_t base_i = ((b * C + c) * T + i) * hw, base_n = base_i + hw;
           float *gi = need_grad ? grad + base_i : nullptr;
-#ifdef VPURE_WARP_AVX2
+#ifdef VPURE_X86
           if (avx2) avx2::pair_channel(X + base_i, X + base_n, idx.data(), wt.data(), hw, absd.data(), gi, s_pos);
           else
 #endif
