@@ -1,4 +1,4 @@
-"""``vpure export``: components -> ONNX artefacts with sidecars, and a parity table."""
+"""``vpure export``: components -> ONNX artefacts (and TensorRT engines) with sidecars, and a parity table."""
 
 from __future__ import annotations
 
@@ -15,7 +15,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--tiny", action="store_true", help="export the tiny random-init test configurations")
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
                    help="checkpoint for a non-diffusion component (repeatable)")
+    p.add_argument("--calibration", default="random", metavar="SOURCE",
+                   help="int8 calibration samples: 'random' (declared input ranges) or 'clips:DIR' (videos in DIR)")
+    p.add_argument("--calib-count", type=int, default=16, help="int8 calibration sample count (default 16)")
+    p.add_argument("--calib-method", default="minmax", choices=("minmax", "entropy", "percentile"))
+    p.add_argument("--tensorrt", action="store_true",
+                   help="also build TensorRT engines (needs tensorrt and a CUDA GPU; skipped with the reason otherwise)")
+    p.add_argument("--clip", type=Path, help="video for the UNet's effect on the VideoPure members (default: synthetic)")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching artefact exists")
+
+
+def _modules(args, specs, ckpts) -> dict:
+    from vpure.runtime.registry import Role
+
+    modules = {}
+    for spec in specs:
+        if args.tiny:
+            modules[spec.name] = spec.build(seed=0)
+        elif spec.role in (Role.EPS, Role.VAE_ENCODER, Role.VAE_DECODER):  # one ModelScope folder
+            modules[spec.name] = spec.load(args.model_dir)
+        elif spec.name in ckpts:
+            modules[spec.name] = spec.load(ckpts[spec.name])
+        else:
+            print(f"skipping {spec.name}: no checkpoint given (--checkpoint {spec.name}=PATH)")
+    return modules
+
+
+def _member_effect(args, unet_spec, unet, engines_dir, precision, recipe) -> str:
+    """One line on the UNet artefact's effect on the seven VideoPure members."""
+    from vpure.export.report import synthetic_clip, unet_member_effect
+    from vpure.runtime import registry
+    from vpure.runtime.backends import create_backend
+    from vpure.runtime.presets import MeanOverTime
+    from vpure.runtime.runconfig import ComponentChoice
+    from vpure.runtime.video import load_clip
+
+    dims = unet_spec.dims("opt")
+    frames, size = int(dims["T"]), 8 * int(dims["h"])
+    if args.tiny:
+        enc, dec = registry.get("vae_encoder").build(seed=0), registry.get("vae_decoder").build(seed=0)
+    else:
+        enc, dec = registry.get("vae_encoder").load(args.model_dir), registry.get("vae_decoder").load(args.model_dir)
+    # The recogniser only has to be fixed for both runs: a tiny per-frame one is enough to compare labels.
+    rec = MeanOverTime(registry.get("frame_classifier").build(seed=0)).eval()
+    clip = load_clip(args.clip, frames, size) if args.clip else synthetic_clip(frames, size)
+    backend = create_backend(unet_spec, ComponentChoice(backend="onnxruntime", precision=precision,
+                                                        calibration=recipe), engines_dir=engines_dir)
+    e = unet_member_effect(unet, backend, enc, dec, rec, clip)
+    return (f"unet {precision.value}: {e['members_agree']}/{e['members']} VideoPure members agree with torch, "
+            f"label {e['label_engine']} vs {e['label_torch']}, max |d logit| {e['max_logit_diff']:.3g}, "
+            f"purified frames SQNR {e['frames_sqnr_db']:.1f} dB")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,9 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     from vpure.export.exporter import export_component
     from vpure.runtime import artifacts, registry
-    from vpure.runtime.errors import ConfigError
-    from vpure.runtime.precision import Precision
-    from vpure.runtime.registry import Role
+    from vpure.runtime.errors import ArtifactError, ConfigError
+    from vpure.runtime.precision import CalibrationRecipe, Precision
 
     names = [s.name for s in registry.components()] if args.components == "all" else args.components.split(",")
     specs = [registry.get(n.strip()) for n in names]
@@ -36,26 +84,47 @@ def run(args: argparse.Namespace) -> int:
         if not sep:
             raise ConfigError(f"--checkpoint {item!r} must be NAME=PATH")
         ckpts[name] = Path(path)
-    rows = []
+    recipe = CalibrationRecipe(source=args.calibration, count=args.calib_count, method=args.calib_method)
+    modules = _modules(args, specs, ckpts)
+    companions = dict(modules)
+    if "vae_encoder" not in companions and args.calibration != "random" and "int8" in args.precision:
+        vae = registry.get("vae_encoder")
+        companions["vae_encoder"] = vae.build(seed=0) if args.tiny else vae.load(args.model_dir)
+    trt_why = None
+    if args.tensorrt:
+        from vpure.export.tensorrt_builder import build_engine, unavailable_reason
+
+        trt_why = unavailable_reason()
+        if trt_why:
+            print(f"skipping TensorRT engines: {trt_why}")
+    rows, effects, failed = [], [], []
     for spec in specs:
-        if args.tiny:
-            module = spec.build(seed=0)
-        elif spec.role in (Role.EPS, Role.VAE_ENCODER, Role.VAE_DECODER):  # one ModelScope folder
-            module = spec.load(args.model_dir)
-        elif spec.name in ckpts:
-            module = spec.load(ckpts[spec.name])
-        else:
-            print(f"skipping {spec.name}: no checkpoint given (--checkpoint {spec.name}=PATH)")
+        if spec.name not in modules:
             continue
         for precision in precisions:
             if precision.value not in spec.precisions:
                 print(f"skipping {spec.name} {precision.value}: {spec.precision_note}")
                 continue
-            path = export_component(spec, module, args.out, precision, force=args.force,
-                                    source="tiny random-init" if args.tiny else "checkpoint")
+            rec = recipe if precision is Precision.INT8 else None
+            try:
+                path = export_component(spec, modules[spec.name], args.out, precision, calibration=rec,
+                                        force=args.force, source="tiny random-init" if args.tiny else "checkpoint",
+                                        companions=companions)
+            except ArtifactError as e:  # one failed artefact does not cost the others
+                failed.append(str(e))
+                continue
             side = json.loads(artifacts.sidecar_path(path).read_text())
             rows.append((spec.name, precision.value, side["parity"], path.name, side["kept_fp32"]))
+            if args.tensorrt and not trt_why:
+                engine = build_engine(spec, args.out, precision, rec, force=args.force)
+                rows.append((spec.name, precision.value + " trt", side["parity"], engine.name, side["kept_fp32"]))
+            if spec.role == "eps":
+                effects.append(_member_effect(args, spec, modules[spec.name], args.out, precision, rec))
     print("\n| component | precision | max abs err | SQNR dB | kept in float | artefact |\n|---|---|---|---|---|---|")
     for name, prec, parity, fname, kept in rows:
         print(f"| {name} | {prec} | {parity['max_abs']:.3g} | {parity['sqnr_db']:.1f} | {', '.join(kept) or '-'} | {fname} |")
-    return 0
+    for line in effects:
+        print(line)
+    for line in failed:
+        print(f"FAILED: {line}")
+    return 1 if failed else 0

@@ -1,6 +1,7 @@
 """Engine artefacts: names that say what built them, JSON sidecars, and verification.
 
-An artefact is ``<component>.<precision>.<calibration>.<profile>.<toolchain>.onnx`` with a
+An artefact is ``<component>.<precision>.<calibration>.<profile>.<toolchain>.onnx`` (a TensorRT
+engine ends ``.trt<version>-sm<XY>.engine`` instead: engines are tied to a GPU family) with a
 sidecar ``<same>.json`` holding the request (component, precision, calibration recipe,
 shape profile), the toolchain versions, the source weights' hash, the ONNX file's hash,
 the opset and the parity measured at build time. The runtime refuses an artefact whose
@@ -50,6 +51,23 @@ def artifact_name(spec: ComponentSpec, precision: Precision, recipe: Calibration
     return f"{spec.name}.{precision.value}.{calibration_id(precision, recipe)}.{profile_id(spec)}.{toolchain_id()}.onnx"
 
 
+def device_tag(capability: tuple[int, int]) -> str:
+    """``sm90`` for compute capability (9, 0): TensorRT engines only run on the GPU family they were built for."""
+    return f"sm{capability[0]}{capability[1]}"
+
+
+def engine_name(spec: ComponentSpec, precision: Precision, recipe: CalibrationRecipe | None, trt_version: str,
+                device: str) -> str:
+    """``<component>.<precision>.<calibration>.<profile>.trt<version>-<device tag>.engine``."""
+    return (f"{spec.name}.{precision.value}.{calibration_id(precision, recipe)}.{profile_id(spec)}."
+            f"trt{trt_version}-{device}.engine")
+
+
+def trt_profile(spec: ComponentSpec) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """Input name -> (min, opt, max) shapes: one TensorRT optimisation profile from the registry's dims."""
+    return {t.name: tuple(t.resolve(spec.dims(w)) for w in ("min", "opt", "max")) for t in spec.inputs}
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -76,31 +94,37 @@ def read_sidecar(onnx_path: str | Path) -> dict[str, Any]:
 
 
 def verify(onnx_path: str | Path, spec: ComponentSpec, precision: Precision,
-           recipe: CalibrationRecipe | None = None) -> dict[str, Any]:
-    """The sidecar of a matching, untouched artefact; ArtifactError naming the mismatch otherwise."""
+           recipe: CalibrationRecipe | None = None, expect: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sidecar of a matching, untouched artefact; ArtifactError naming the mismatch otherwise.
+
+    Works for ONNX files (hash under ``onnx_sha256``) and TensorRT engines (``engine_sha256``);
+    ``expect`` adds keys the sidecar must hold (an engine's TensorRT version and device tag).
+    """
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise ArtifactError(f"artefact {onnx_path} does not exist")
     side = read_sidecar(onnx_path)
     want = {"component": spec.name, "precision": precision.value, "calibration_id": calibration_id(precision, recipe),
-            "profile_id": profile_id(spec)}
+            "profile_id": profile_id(spec)} | dict(expect or {})
     for key, value in want.items():
         if side.get(key) != value:
             raise ArtifactError(f"artefact {onnx_path.name}: sidecar says {key}={side.get(key)!r}, "
                                 f"the request needs {value!r}")
     digest = sha256_file(onnx_path)
-    if side.get("onnx_sha256") != digest:
+    key = "engine_sha256" if onnx_path.suffix == ".engine" else "onnx_sha256"
+    if side.get(key) != digest:
         raise ArtifactError(f"artefact {onnx_path.name} changed since it was built (sha256 {digest[:12]}... != "
-                            f"sidecar {str(side.get('onnx_sha256'))[:12]}...); refusing to run it")
+                            f"sidecar {str(side.get(key))[:12]}...); refusing to run it")
     return side
 
 
 def find_artifact(engines_dir: str | Path, spec: ComponentSpec, precision: Precision,
-                  recipe: CalibrationRecipe | None = None) -> Path:
+                  recipe: CalibrationRecipe | None = None, name: str | None = None) -> Path:
+    """The artefact ``name`` (default: the ONNX artefact's name for the request) in ``engines_dir``."""
     engines_dir = Path(engines_dir)
-    path = engines_dir / artifact_name(spec, precision, recipe)
+    path = engines_dir / (name or artifact_name(spec, precision, recipe))
     if not path.is_file():
-        have = sorted(p.name for p in engines_dir.glob(f"{spec.name}.*.onnx")) if engines_dir.is_dir() else []
+        have = sorted(p.name for p in engines_dir.glob(f"{spec.name}.*{path.suffix}")) if engines_dir.is_dir() else []
         raise ArtifactError(f"no {precision.value} artefact for component {spec.name!r} in {engines_dir} "
                             f"(wanted {path.name}); found: {', '.join(have) or 'none'}")
     return path

@@ -94,3 +94,34 @@ def build(name: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = to
         rec = MeanOverTime(FrameClassifier(p.num_classes, **p.recognizer))
     mods = [m.to(device, dtype).eval() for m in (unet, VAEEncoder(vae), VAEDecoder(vae), rec)]
     return PresetModels(p, *mods)
+
+
+def component_spec(name: str, component: str):
+    """The registry description of ``component`` re-profiled for preset ``name``'s clip size.
+
+    Registry profiles describe the tiny test configurations; a preset's modules take
+    ``frames`` frames at ``size`` pixels (latents at size/8). Only the profile changes (and
+    with it the artefact's profile id), so the one exporter and backends serve every preset.
+    """
+    import dataclasses
+
+    from . import registry
+
+    p, spec = get(name), registry.get(component)
+    s, z = p.size, p.size // 8
+    sizes = {"T": (1, p.frames, p.frames), "H": (s, s, s), "W": (s, s, s), "h": (z, z, z), "w": (z, z, z),
+             "K": (p.num_classes,) * 3}
+    if spec.role == registry.Role.EPS:
+        sizes["T"] = (2, p.frames, p.frames)
+    return dataclasses.replace(spec, profile={d: sizes.get(d, v) for d, v in spec.profile.items()})
+
+
+def component_module(models: PresetModels, component: str) -> torch.nn.Module:
+    """The module of ``models`` that serves registry ``component``."""
+    table = {"unet": models.unet, "vae_encoder": models.encoder, "vae_decoder": models.decoder,
+             "frame_classifier": getattr(models.recognizer, "frame_classifier", None)}
+    module = table.get(component)
+    if module is None:
+        raise ConfigError(f"preset {models.preset.name!r} has no module for component {component!r}; "
+                          f"it has {', '.join(table)}")
+    return module

@@ -29,12 +29,16 @@ class ComponentChoice(ConfigBase):
     backend: str = "torch"
     precision: Precision = Precision.FP32
     calibration: CalibrationRecipe | None = None  # int8 only; None = the default recipe
+    # TensorRT only: capture each input shape's execution in a CUDA graph after one warm-up run.
+    cuda_graph: bool = False
 
     def validate(self) -> None:
         check(self.backend in BACKEND_NAMES,
               f"ComponentChoice.backend {self.backend!r} is not one of {', '.join(BACKEND_NAMES)}")
         check(self.calibration is None or self.precision is Precision.INT8,
               f"ComponentChoice.calibration is only meaningful for int8, precision is {self.precision.value}")
+        check(not self.cuda_graph or self.backend == "tensorrt",
+              f"ComponentChoice.cuda_graph is a TensorRT option, backend is {self.backend!r}")
 
     @property
     def recipe(self) -> CalibrationRecipe | None:

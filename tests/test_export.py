@@ -155,3 +155,85 @@ def test_swapping_engines_is_a_config_change(tmp_path):
         outs[p] = backend(**x)["logits"]
     torch_out = backend_from_config(RuntimeConfig(), "frame_classifier", module=module)(**x)["logits"]
     assert torch.allclose(outs["fp32"], torch_out, atol=1e-4) and not torch.equal(outs["int8"], outs["fp32"])
+
+
+def test_int8_calibrated_from_real_clips(tmp_path, data_dir):
+    from vpure.runtime.precision import CalibrationRecipe
+
+    spec = registry.get("frame_classifier")
+    recipe = CalibrationRecipe(source=f"clips:{data_dir}", count=3)
+    path = export_component(spec, spec.build(seed=0), tmp_path, "int8", calibration=recipe)
+    side = artifacts.read_sidecar(path)
+    assert side["calibration"]["source"] == f"clips:{data_dir}" and side["calibration_id"] == recipe.id
+    assert side["parity"]["sqnr_db"] >= spec.tolerance.int8_sqnr_db
+    # the runtime finds it only when asked for that recipe
+    choice = ComponentChoice(backend="onnxruntime", precision="int8", calibration=recipe)
+    assert create_backend(spec, choice, engines_dir=tmp_path).path == path
+    with pytest.raises(ArtifactError, match="no int8 artefact"):
+        create_backend(spec, ComponentChoice(backend="onnxruntime", precision="int8"), engines_dir=tmp_path)
+
+
+def test_clip_calibration_samples_and_refusals(tmp_path, data_dir):
+    from vpure.export.calibration import calibration_batches, parity_batches
+    from vpure.runtime.precision import CalibrationRecipe
+
+    unet = registry.get("unet")
+    recipe = CalibrationRecipe(source=f"clips:{data_dir}", count=2)
+    with pytest.raises(ArtifactError, match="needs the VAE encoder"):
+        next(calibration_batches(unet, recipe))
+    enc = registry.get("vae_encoder").build(seed=0)
+    batches = list(calibration_batches(unet, recipe, {"vae_encoder": enc}))
+    assert len(batches) == 2
+    t = batches[0]["timestep"]
+    lo, hi = unet.inputs[1].value_range
+    assert t.dtype.name == "int64" and lo <= int(t[0]) <= hi
+    assert batches[0]["latents"].shape == unet.inputs[0].resolve(unet.dims("opt"))
+    assert list(calibration_batches(unet, recipe, {"vae_encoder": enc}))[0]["latents"].tobytes() == \
+        batches[0]["latents"].tobytes()  # reproducible
+    flow = registry.get("raft")
+    pair = next(calibration_batches(flow, recipe))
+    assert set(pair) == {"image1", "image2"} and pair["image1"].shape == (1, 3, 128, 128)
+    # held-out parity windows are not the calibration windows
+    fc = registry.get("frame_classifier")
+    cal = next(calibration_batches(fc, recipe))["frames"]
+    held = parity_batches(fc, recipe)[0]["frames"].numpy()
+    assert cal.shape == held.shape and not (cal == held).all()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="holds no video files"):
+        next(calibration_batches(fc, CalibrationRecipe(source=f"clips:{tmp_path / 'empty'}")))
+
+
+def test_io_binding_outputs_copied_unless_reuse_requested(engines):
+    spec = registry.get("frame_classifier")
+    export_component(spec, spec.build(seed=0), engines, "fp32")
+    choice = ComponentChoice(backend="onnxruntime")
+    x = spec.sample_inputs(seed=3)
+    safe = create_backend(spec, choice, engines_dir=engines)
+    a, b = safe(**x)["logits"], safe(**x)["logits"]
+    assert a.data_ptr() != b.data_ptr() and torch.equal(a, b)
+    fast = create_backend(spec, choice, engines_dir=engines, reuse_outputs=True)
+    c, d = fast(**x)["logits"], fast(**x)["logits"]
+    assert c.data_ptr() == d.data_ptr() and torch.equal(c, a)
+    # a second shape gets its own buffers and the right answer
+    x2 = spec.sample_inputs(spec.dims("min"), seed=3)
+    e = fast(**x2)["logits"]
+    with torch.inference_mode():
+        ref = spec.build(seed=0)(*x2.values())
+    assert e.shape == ref.shape and torch.allclose(e, ref, atol=1e-4)
+
+
+def test_unet_member_effect_report(engines):
+    from vpure.export.report import synthetic_clip, unet_member_effect
+    from vpure.runtime.presets import MeanOverTime
+
+    spec = registry.get("unet")
+    unet = spec.build(seed=0)
+    export_component(spec, unet, engines, "fp32")
+    backend = create_backend(spec, ComponentChoice(backend="onnxruntime"), engines_dir=engines)
+    clip = synthetic_clip(4, 64)
+    assert clip.shape == (1, 3, 4, 64, 64) and 0 <= float(clip.min()) and float(clip.max()) <= 1
+    rec = MeanOverTime(registry.get("frame_classifier").build(seed=0)).eval()
+    e = unet_member_effect(unet, backend, registry.get("vae_encoder").build(seed=0),
+                           registry.get("vae_decoder").build(seed=0), rec, clip)
+    assert e["members"] == 7 and e["members_agree"] == 7 and e["label_engine"] == e["label_torch"]
+    assert e["max_logit_diff"] < 1e-3 and e["frames_sqnr_db"] > 60

@@ -15,10 +15,11 @@ from ..registry import ComponentSpec
 from ..runconfig import ComponentChoice
 from .base import Backend
 
-# backend name -> "module:factory"; a factory is (spec, choice, *, module, device, engines_dir).
+# backend name -> "module:factory"; a factory is (spec, choice, *, module, device, engines_dir, reuse_outputs).
 _FACTORIES: dict[str, str] = {
     "torch": "vpure.runtime.backends.torch_backend:create",
     "onnxruntime": "vpure.runtime.backends.ort_backend:create",
+    "tensorrt": "vpure.runtime.backends.trt_backend:create",
 }
 
 
@@ -31,7 +32,13 @@ def backend_names() -> tuple[str, ...]:
 
 
 def create_backend(spec: ComponentSpec, choice: ComponentChoice, *, module: Any = None,
-                   device: str = "cpu", engines_dir: Any = None) -> Backend:
+                   device: str = "cpu", engines_dir: Any = None, reuse_outputs: bool = False) -> Backend:
+    """The backend ``choice`` names for ``spec``.
+
+    ``reuse_outputs``: engine backends return their preallocated output buffers themselves
+    (valid until the next call) instead of copies; for callers that consume each output
+    before calling again.
+    """
     ref = _FACTORIES.get(choice.backend)
     if ref is None:
         raise BackendUnavailable(
@@ -40,15 +47,15 @@ def create_backend(spec: ComponentSpec, choice: ComponentChoice, *, module: Any 
         )
     mod, _, fn = ref.partition(":")
     factory = getattr(importlib.import_module(mod), fn)
-    return factory(spec, choice, module=module, device=device, engines_dir=engines_dir)
+    return factory(spec, choice, module=module, device=device, engines_dir=engines_dir, reuse_outputs=reuse_outputs)
 
 
-def backend_from_config(config, name: str, *, module: Any = None) -> Backend:
+def backend_from_config(config, name: str, *, module: Any = None, reuse_outputs: bool = False) -> Backend:
     """The backend a :class:`~vpure.runtime.runconfig.RuntimeConfig` chooses for component ``name``."""
     from ..registry import get
 
     return create_backend(get(name), config.choice(name), module=module, device=config.device,
-                          engines_dir=config.engines_dir)
+                          engines_dir=config.engines_dir, reuse_outputs=reuse_outputs)
 
 
 __all__ = ["Backend", "backend_from_config", "backend_names", "create_backend", "register_backend"]

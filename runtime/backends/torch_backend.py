@@ -45,7 +45,7 @@ class TorchBackend:
 
 
 def create(spec: ComponentSpec, choice: ComponentChoice, *, module: Any = None, device: str = "cpu",
-           engines_dir: Any = None) -> TorchBackend:
+           engines_dir: Any = None, reuse_outputs: bool = False) -> TorchBackend:
     if module is None:
         raise ConfigError(f"component {spec.name!r}: the torch backend needs a module (build or load one)")
     return TorchBackend(spec, module, choice.precision, device)
