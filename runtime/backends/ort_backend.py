@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..artifacts import find_artifact, verify
-from ..errors import BackendUnavailable, ConfigError, InputError
+from ..errors import BackendUnavailable, ConfigError
 from ..log import get_logger
 from ..precision import Precision
 from ..registry import ComponentSpec
