@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vpure.runtime.cli.info", "versions, backends, kernel implementations, devices and components"),
     "calibrate": ("vpure.runtime.cli.calibrate", "choose the detection thresholds by F1 on labelled clips"),
     "export": ("vpure.export.cli", "export components to ONNX artefacts (fp32/fp16/int8) with sidecars"),
+    "train": ("vpure.runtime.cli.train", "train the mini-world networks on CPU (weights + model cards)"),
 }
 
 

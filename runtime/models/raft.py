@@ -185,13 +185,14 @@ def _sample(img: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 class RAFT(nn.Module):
     """image1, image2 (N, 3, H, W) in [0, 1], H and W multiples of 8 -> flow (N, 2, H, W) from 1 to 2."""
 
-    def __init__(self, small: bool = False, iters: int = 10, input_range: str = "unit"):
+    def __init__(self, small: bool = False, iters: int = 10, input_range: str = "unit", corr_levels: int = 4):
         super().__init__()
         if input_range not in INPUT_RANGES:
             raise ValueError(f"input_range must be one of {INPUT_RANGES}, got {input_range!r}")
         self.small, self.iters, self.input_range = small, iters, input_range
         self.hidden_dim, self.context_dim = (96, 64) if small else (128, 128)
-        self.corr_levels, self.corr_radius = 4, (3 if small else 4)
+        # 4 levels as published; the mini-world's 64-pixel frames use 3 (min size 64).
+        self.corr_levels, self.corr_radius = corr_levels, (3 if small else 4)
         planes = self.corr_levels * (2 * self.corr_radius + 1) ** 2
         self.fnet = Encoder(128 if small else 256, "instance", small)
         self.cnet = Encoder(self.hidden_dim + self.context_dim, "none" if small else "batch", small)
@@ -237,6 +238,11 @@ class RAFT(nn.Module):
         return 8 * 2 ** self.corr_levels
 
     def forward(self, image1: torch.Tensor, image2: torch.Tensor) -> torch.Tensor:
+        return self.predictions(image1, image2, every_iteration=False)[-1]
+
+    def predictions(self, image1: torch.Tensor, image2: torch.Tensor, every_iteration: bool = True) -> list[torch.Tensor]:
+        """Full-resolution flow after each refinement iteration (for RAFT's sequence loss), or
+        only the last one."""
         h, w = image1.shape[-2:]
         if not torch.jit.is_tracing() and (h % 8 or w % 8 or min(h, w) < self.min_size):
             raise InputError(f"RAFT needs H and W multiples of 8 and >= {self.min_size} "
@@ -251,12 +257,16 @@ class RAFT(nn.Module):
         h, w = fmaps.shape[-2:]
         coords0 = self._grid(n, h, w, fmaps)
         coords1 = coords0.clone()
-        mask = None
-        for _ in range(self.iters):
+        mask, out = None, []
+        for i in range(self.iters):
+            if self.training:
+                coords1 = coords1.detach()  # as published: each iteration's gradient stops at its input
             corr = self._lookup(pyramid, coords1)
             net, mask, delta = self.update_block(net, inp, corr, coords1 - coords0)
             coords1 = coords1 + delta
-        return self._upsample(coords1 - coords0, mask)
+            if every_iteration or i == self.iters - 1:
+                out.append(self._upsample(coords1 - coords0, mask))
+        return out
 
 
 class RAFTFlow:
@@ -360,7 +370,12 @@ def load_raft(path, iters: int = 10, input_range: str = "unit") -> RAFT:
     w = state.get("fnet.conv1.weight")
     if w is None:
         raise CheckpointError(f"{path}: no fnet.conv1.weight, not a RAFT checkpoint in the princeton-vl layout")
-    model = RAFT(small=w.shape[0] == 32, iters=iters, input_range=input_range)
+    small = w.shape[0] == 32
+    levels = 4
+    corr_in = state.get("update_block.encoder.convc1.weight")
+    if corr_in is not None:  # correlation planes = levels * (2r + 1)^2
+        levels = max(1, int(corr_in.shape[1]) // (2 * (3 if small else 4) + 1) ** 2)
+    model = RAFT(small=small, iters=iters, input_range=input_range, corr_levels=levels)
     return load_into(model, state, str(path)).eval()
 
 

@@ -1,0 +1,39 @@
+"""``vpure train COMPONENT|all``: train mini-world networks, write weights and model cards."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..miniworld.train import ORDER
+
+    p.add_argument("component", choices=(*ORDER, "all"), help="network to train ('all': in dependency order)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="weights folder (default: the package's shipped weights folder)")
+    p.add_argument("--steps", type=int, default=None, help="override the component's step budget")
+    p.add_argument("--train-clips", type=int, default=None, help="override the number of training clips")
+    p.add_argument("--eval-clips", type=int, default=None, help="override the number of test clips measured")
+    p.add_argument("--seed", type=int, default=0, help="training seed (the data seed is the world's)")
+    p.add_argument("--world-seed", type=int, default=0, help="mini-world dataset seed")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from ..miniworld.dataset import WorldConfig
+    from ..miniworld.train import BUDGETS, ORDER, train
+
+    world = WorldConfig(seed=args.world_seed)
+    names = ORDER if args.component == "all" else (args.component,)
+    for name in names:
+        changes = {k: v for k, v in (("steps", args.steps), ("train_clips", args.train_clips),
+                                     ("eval_clips", args.eval_clips)) if v is not None}
+        cfg = BUDGETS[name].replace(seed=args.seed, **changes)
+        command = "vpure train " + " ".join(a for a in sys.argv[2:] if a) if len(sys.argv) > 2 else f"vpure train {name}"
+        card = train(cfg, world, args.out, command=command.replace(" all", f" {name}") if args.component == "all"
+                     else command)
+        print(f"{name}: {json.dumps(card['metrics'])} ({card['train_seconds']:.0f} s, {card['parameters']} parameters)")
+    return 0

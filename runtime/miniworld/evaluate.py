@@ -1,0 +1,102 @@
+"""Metrics of the mini-world models on a split (the numbers their model cards record).
+
+All functions are deterministic: fixed clips, fixed noise seeds, eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import schedule
+from .dataset import WorldConfig, make_clip, make_split
+
+
+def _batches(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+@torch.inference_mode()
+def recognizer_accuracy(model, clips_u8: torch.Tensor, labels: torch.Tensor, batch: int = 16) -> float:
+    correct = 0
+    for s in _batches(len(labels), batch):
+        correct += int((model(clips_u8[s].float() / 255).argmax(-1) == labels[s]).sum())
+    return correct / len(labels)
+
+
+@torch.inference_mode()
+def frame_accuracy(model, clips_u8: torch.Tensor, labels: torch.Tensor, batch: int = 16) -> float:
+    """Per-frame top-1 accuracy of a frame classifier (every frame carries its clip's label)."""
+    correct = total = 0
+    for s in _batches(len(labels), batch):
+        pred = model(clips_u8[s].float() / 255).argmax(-1)  # (B, T)
+        correct += int((pred == labels[s, None]).sum())
+        total += pred.numel()
+    return correct / total
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float((a.double() - b.double()).pow(2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+@torch.inference_mode()
+def reconstruction_psnr(fn, clips_u8: torch.Tensor, batch: int = 8) -> float:
+    """Mean PSNR (dB, peak 1) of ``fn(clip)`` against the clip, per clip, averaged."""
+    vals = []
+    for s in _batches(len(clips_u8), batch):
+        x = clips_u8[s].float() / 255
+        y = fn(x)
+        vals += [psnr(y[i], x[i]) for i in range(len(x))]
+    return sum(vals) / len(vals)
+
+
+@torch.inference_mode()
+def unet_loss(unet, encoder, clips_u8: torch.Tensor, timesteps=(21, 41, 61, 81, 101, 301, 601), seed: int = 0,
+              batch: int = 8) -> float:
+    """Mean epsilon-prediction MSE over the clips at fixed timesteps (the first five are the
+    ones VideoPure's inversion visits) with fixed noise."""
+    g = torch.Generator().manual_seed(seed)
+    total, n = 0.0, 0
+    for s in _batches(len(clips_u8), batch):
+        z0 = encoder(clips_u8[s].float() / 255)
+        for t in timesteps:
+            noise = torch.randn(z0.shape, generator=g)
+            ab = schedule.abar(t)
+            zt = ab ** 0.5 * z0 + (1 - ab) ** 0.5 * noise
+            eps = unet(zt, torch.tensor([t]))
+            total += float((eps - noise).pow(2).mean()) * len(z0)
+            n += len(z0)
+    return total / n
+
+
+def flow_pairs(split: str, count: int, cfg: WorldConfig | None = None, start: int = 0):
+    """``count`` clips' frames and ground-truth flows: (N, 3, T, H, W) float, (N, T-1, 2, H, W)."""
+    samples = [make_clip(split, start + i, cfg) for i in range(count)]
+    return torch.stack([s.clip for s in samples]), torch.stack([s.flow for s in samples])
+
+
+def endpoint_error(pred: torch.Tensor, gt: torch.Tensor) -> float:
+    """Mean Euclidean distance between flows (..., 2, H, W)."""
+    return float((pred - gt).pow(2).sum(-3).sqrt().mean())
+
+
+@torch.inference_mode()
+def raft_epe(raft, clips: torch.Tensor, flows: torch.Tensor) -> float:
+    from ..models.raft import RAFTFlow
+
+    provider = RAFTFlow(raft.eval(), pairs_per_call=16)
+    return endpoint_error(torch.cat([provider(clips[i:i + 1]) for i in range(len(clips))]), flows)
+
+
+def dis_epe(clips: torch.Tensor, flows: torch.Tensor, preset: str = "medium") -> float:
+    from ..flow import DISFlow
+
+    dis = DISFlow(preset)
+    return endpoint_error(torch.cat([dis(clips[i:i + 1]) for i in range(len(clips))]), flows)
+
+
+def test_split(count: int, cfg: WorldConfig | None = None, split: str = "test"):
+    return make_split(split, count, cfg)

@@ -1,0 +1,166 @@
+"""The mini-world's architectures, and its shipped weights with their model cards.
+
+Each component is a small member of the family the product deploys: an SD-contract VAE
+(AutoencoderKL, 4 latent channels, 8x), a diffusers ``UNet3DConditionModel`` predicting
+epsilon on the scaled-linear 1000-step schedule, an I3D-family 3D ResNet recogniser, the
+ResNet-style frame classifier, ComDefend and RAFT-small (3 correlation levels for 64-pixel
+frames). Weights live beside this module in ``weights/<component>.safetensors``; the
+architecture and the model card (training command, data seed, metrics) travel in the
+safetensors metadata, and ``weights/<component>.md`` is the human-readable card.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..log import get_logger
+
+log = get_logger(__name__)
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+COMPONENTS = ("vae", "unet", "recognizer", "frame_classifier", "comdefend", "raft")
+NUM_CLASSES = 5
+
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+           block_out_channels=(32, 64, 96, 96), layers_per_block=1, norm_num_groups=16)
+UNET = dict(sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+            block_out_channels=(48, 96, 96), layers_per_block=1, norm_num_groups=16,
+            cross_attention_dim=48, attention_head_dim=8)
+PROMPT_TOKENS = 4
+RECOGNIZER = dict(num_classes=NUM_CLASSES, blocks=(1, 1, 1, 1), inflate=((1,), (1,), (1,), (0,)),
+                  nonlocal_=((0,), (1,), (0,), (0,)), base_width=8, dropout=0.2)
+FRAME_CLASSIFIER = dict(num_classes=NUM_CLASSES, widths=(16, 32, 64), depths=(1, 1, 1), stem_width=16)
+COMDEFEND = dict(com_widths=(16, 32, 32, 16), rec_widths=(16, 32, 32, 16))
+RAFT = dict(small=True, iters=8, corr_levels=3)
+
+
+def build(component: str, config: dict[str, Any] | None = None) -> torch.nn.Module:
+    """A fresh (random-init) module of ``component`` with the mini-world architecture
+    (or ``config``, as recorded in a weights file)."""
+    if component == "vae":
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL(**(config or VAE))
+    if component == "unet":
+        from diffusers import UNet3DConditionModel
+
+        from ..models.diffusion import EpsUNet
+
+        cfg = dict(config or UNET)
+        tokens = int(cfg.pop("prompt_tokens", PROMPT_TOKENS))
+        return EpsUNet(UNet3DConditionModel(**cfg), torch.zeros(1, tokens, cfg["cross_attention_dim"]))
+    if component == "recognizer":
+        from ..models.i3d import I3DResNet
+
+        cfg = dict(config or RECOGNIZER)
+        cfg["inflate"] = tuple(tuple(x) for x in cfg["inflate"])
+        cfg["nonlocal_"] = tuple(tuple(x) for x in cfg["nonlocal_"])
+        return I3DResNet(**cfg)
+    if component == "frame_classifier":
+        from ..models.frame_classifier import FrameClassifier
+
+        return FrameClassifier(**(config or FRAME_CLASSIFIER))
+    if component == "comdefend":
+        from ..models.comdefend import ComDefend
+
+        return ComDefend(**(config or COMDEFEND))
+    if component == "raft":
+        from ..models.raft import RAFT as RAFTModel
+
+        return RAFTModel(**(config or RAFT))
+    raise CheckpointError(f"no mini-world component {component!r}; known: {', '.join(COMPONENTS)}")
+
+
+def default_config(component: str) -> dict[str, Any]:
+    cfg = {"vae": VAE, "unet": {**UNET, "prompt_tokens": PROMPT_TOKENS}, "recognizer": RECOGNIZER,
+           "frame_classifier": FRAME_CLASSIFIER, "comdefend": COMDEFEND, "raft": RAFT}[component]
+    return json.loads(json.dumps(cfg))  # plain lists, as it is stored
+
+
+def weights_path(component: str, weights_dir: str | Path | None = None) -> Path:
+    return Path(weights_dir or WEIGHTS_DIR) / f"{component}.safetensors"
+
+
+def save(component: str, module: torch.nn.Module, card: dict[str, Any], config: dict[str, Any] | None = None,
+         weights_dir: str | Path | None = None) -> Path:
+    """Write ``<component>.safetensors`` (architecture and card in its metadata) and ``.md``."""
+    from safetensors.torch import save_file
+
+    path = weights_path(component, weights_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # clone: some layouts alias modules under two names (I3D's GluonCV ``head``), which
+    # safetensors refuses to store as shared memory.
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+    if component == "vae":  # the measured scaling factor is part of the latent contract
+        config = {**(config or default_config("vae")), "scaling_factor": float(module.config.scaling_factor)}
+    meta = {"vpure_config": json.dumps(config or default_config(component)), "vpure_card": json.dumps(card)}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+    path.with_suffix(".md").write_text(card_markdown(component, card))
+    return path
+
+
+def card_markdown(component: str, card: dict[str, Any]) -> str:
+    lines = [f"# mini-world {component}", "", card.get("summary", ""), "",
+             f"- training command: `{card.get('command', '?')}`",
+             f"- data: mini-world seed {card.get('data_seed')}, {card.get('train_clips')} training clips "
+             f"({card.get('frames')} frames at {card.get('size')}x{card.get('size')})",
+             f"- steps: {card.get('steps')}, batch {card.get('batch')}, seed {card.get('seed')}, "
+             f"wall time {card.get('train_seconds', 0):.0f} s on {card.get('machine', '?')}",
+             f"- parameters: {card.get('parameters')}", "", "## Metrics (test split)", ""]
+    lines += [f"- {k}: {v}" for k, v in card.get("metrics", {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+def read_card(component: str, weights_dir: str | Path | None = None) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    path = weights_path(component, weights_dir)
+    if not path.is_file():
+        raise CheckpointError(f"mini-world weights {path} are missing; train them with `vpure train {component}`")
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("vpure_card", "{}"))
+
+
+def load(component: str, weights_dir: str | Path | None = None) -> torch.nn.Module:
+    """The trained module (eval mode) from the shipped (or a given) weights folder."""
+    from ..checkpoint import load_into, read_state_dict
+
+    path = weights_path(component, weights_dir)
+    if not path.is_file():
+        raise CheckpointError(f"mini-world weights {path} are missing; train them with `vpure train {component}`")
+    state, cfg = read_state_dict(path)
+    module = build(component, cfg or None)
+    return load_into(module, state, str(path)).eval()
+
+
+@dataclass
+class MiniWorld:
+    """Every trained network, wrapped to the product's call signatures."""
+
+    unet: torch.nn.Module  # EpsUNet: (latents, timestep) -> eps
+    encoder: torch.nn.Module  # VAEEncoder: frames in [0, 1] -> scaled latents
+    decoder: torch.nn.Module  # VAEDecoder
+    recognizer: torch.nn.Module  # I3D: clip -> logits
+    frame_classifier: torch.nn.Module  # frames -> per-frame logits
+    comdefend: torch.nn.Module
+    raft: torch.nn.Module
+
+
+def load_world(weights_dir: str | Path | None = None) -> MiniWorld:
+    from ..models.diffusion import VAEDecoder, VAEEncoder
+
+    vae = load("vae", weights_dir)
+    return MiniWorld(load("unet", weights_dir), VAEEncoder(vae).eval(), VAEDecoder(vae).eval(),
+                     load("recognizer", weights_dir), load("frame_classifier", weights_dir),
+                     load("comdefend", weights_dir), load("raft", weights_dir))

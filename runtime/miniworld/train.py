@@ -1,0 +1,284 @@
+"""Training every mini-world network on CPU, reproducibly from a seed (``vpure train``).
+
+One loop (AdamW, linear warm-up then cosine decay, gradient clipping, a progress bar and
+a final metrics line) serves every component; each ``train_<component>`` only says what a
+batch is and what the loss is, then measures the test-split metrics its model card
+records. Training data are clips of the seeded mini-world train split, generated once and
+cached under ``$VPURE_CACHE/miniworld``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import schedule
+from ..config import ConfigBase, check
+from ..env import read_environment
+from ..log import get_logger
+from ..log import progress as bar
+from . import evaluate
+from . import models as mw
+from .dataset import WorldConfig, make_clip, make_split
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig(ConfigBase):
+    """One component's training run; the defaults are the shipped weights' budgets."""
+
+    component: str
+    steps: int
+    batch: int
+    lr: float
+    seed: int = 0
+    train_clips: int = 1000
+    eval_clips: int = 100
+    warmup: int = 50
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        check(self.component in mw.COMPONENTS, f"TrainConfig.component {self.component!r} is not one of {mw.COMPONENTS}")
+        check(self.steps >= 1 and self.batch >= 1, "TrainConfig.steps and batch must be >= 1")
+        check(self.lr > 0, f"TrainConfig.lr must be > 0, got {self.lr}")
+        check(self.train_clips >= 1 and self.eval_clips >= 1, "TrainConfig.train_clips and eval_clips must be >= 1")
+
+
+# Budgets measured on a 2-vCPU AMD EPYC (see each model card for the wall time).
+BUDGETS: dict[str, TrainConfig] = {
+    "vae": TrainConfig("vae", steps=1600, batch=16, lr=1e-3),  # ~0.75 s/step
+    "unet": TrainConfig("unet", steps=1000, batch=8, lr=4e-4),  # ~1.15 s/step
+    "recognizer": TrainConfig("recognizer", steps=800, batch=16, lr=2e-3),  # ~0.08 s/step
+    "frame_classifier": TrainConfig("frame_classifier", steps=600, batch=64, lr=2e-3),
+    "comdefend": TrainConfig("comdefend", steps=800, batch=16, lr=1e-3),
+    "raft": TrainConfig("raft", steps=3000, batch=8, lr=4e-4, train_clips=400, weight_decay=1e-5),  # ~0.27 s/step
+}
+ORDER = ("vae", "unet", "recognizer", "frame_classifier", "comdefend", "raft")  # the UNet needs the VAE
+
+
+def train_data(count: int, world: WorldConfig, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, T, H, W) uint8 clips and labels of ``split``, cached on disk."""
+    key = hashlib.sha256(repr((world.to_dict(), split, count)).encode()).hexdigest()[:12]
+    path = read_environment().cache_dir / "miniworld" / f"{split}-{count}-{key}.pt"
+    if path.is_file():
+        data = torch.load(path, weights_only=True)
+        return data["clips"], data["labels"]
+    clips, labels = make_split(split, count, world, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"clips": clips, "labels": labels}, tmp)
+    tmp.replace(path)
+    return clips, labels
+
+
+def fit(params, cfg: TrainConfig, loss_fn: Callable[[torch.Generator], torch.Tensor], desc: str,
+        progress: bool | None = None) -> list[float]:
+    """AdamW with warm-up and cosine decay; ``loss_fn(generator)`` draws a batch and returns its loss."""
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed)
+
+    def lr_at(i: int) -> float:
+        if i < cfg.warmup:
+            return (i + 1) / cfg.warmup
+        return 0.5 * (1 + math.cos(math.pi * (i - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    losses: list[float] = []
+    it = bar(range(cfg.steps), total=cfg.steps, desc=desc, enable=progress)
+    for _ in it:
+        loss = loss_fn(g)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {len(losses)}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if hasattr(it, "set_postfix") and len(losses) % 20 == 0:
+            it.set_postfix(loss=f"{sum(losses[-20:]) / 20:.4f}")
+    return losses
+
+
+def _frames(clips_u8: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` random frames (n, 3, H, W) in [0, 1] from random clips."""
+    ci = torch.randint(0, clips_u8.shape[0], (n,), generator=g)
+    ti = torch.randint(0, clips_u8.shape[2], (n,), generator=g)
+    return clips_u8[ci, :, ti].float() / 255
+
+
+def _clips(clips_u8, labels, n, g):
+    i = torch.randint(0, clips_u8.shape[0], (n,), generator=g)
+    return clips_u8[i].float() / 255, labels[i]
+
+
+# -- per component -------------------------------------------------------------------
+
+def train_vae(cfg, world, data, test, weights_dir, progress):
+    from ..models.diffusion import VAEDecoder, VAEEncoder
+
+    clips, _ = data
+    vae = mw.build("vae").train()
+
+    def loss_fn(g):
+        x = _frames(clips, cfg.batch, g) * 2 - 1
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        return F.mse_loss(rec, x) + 0.1 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+
+    losses = fit(vae.parameters(), cfg, loss_fn, "vae", progress)
+    vae.eval()
+    with torch.inference_mode():  # SD's latent contract: scale latents to unit variance
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        mean = vae.encode(_frames(clips, 512, g) * 2 - 1).latent_dist.mean
+        vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+    enc, dec = VAEEncoder(vae), VAEDecoder(vae)
+    metrics = {"vae_psnr_db": round(evaluate.reconstruction_psnr(lambda x: dec(enc(x)), test[0]), 2),
+               "scaling_factor": round(float(vae.config.scaling_factor), 5), "final_train_loss": _tail(losses)}
+    return vae, metrics
+
+
+def train_unet(cfg, world, data, test, weights_dir, progress):
+    from ..models.diffusion import VAEEncoder
+
+    clips, _ = data
+    encoder = VAEEncoder(mw.load("vae", weights_dir)).eval()
+    with torch.inference_mode():  # latents once: the VAE is frozen
+        latents = torch.cat([encoder(clips[i:i + 16].float() / 255) for i in bar(
+            range(0, len(clips), 16), desc="encode latents", enable=progress)])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    unet = mw.build("unet")
+    unet.prompt_embedding.copy_(torch.randn(unet.prompt_embedding.shape, generator=gen))  # the "empty prompt"
+    unet.train()
+    abar = schedule.alphas_cumprod().float()
+
+    def loss_fn(g):
+        i = torch.randint(0, len(latents), (cfg.batch,), generator=g)
+        z0 = latents[i]
+        # Half the timesteps from the range purification uses (t <= 200), half from all 1000.
+        low = torch.randint(1, 201, (cfg.batch,), generator=g)
+        full = torch.randint(1, 1000, (cfg.batch,), generator=g)
+        t = torch.where(torch.rand(cfg.batch, generator=g) < 0.5, low, full)
+        noise = torch.randn(z0.shape, generator=g)
+        ab = abar[t].view(-1, 1, 1, 1, 1)
+        zt = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
+        eps = unet.unet(zt, t, encoder_hidden_states=unet.prompt_embedding.expand(cfg.batch, -1, -1)).sample
+        return F.mse_loss(eps, noise)
+
+    losses = fit(unet.parameters(), cfg, loss_fn, "unet", progress)
+    unet.eval()
+    metrics = {"unet_eps_mse_test": round(evaluate.unet_loss(unet, encoder, test[0]), 5),
+               "final_train_loss": _tail(losses)}
+    return unet, metrics
+
+
+def train_recognizer(cfg, world, data, test, weights_dir, progress):
+    clips, labels = data
+    model = mw.build("recognizer").train()
+
+    def loss_fn(g):
+        x, y = _clips(clips, labels, cfg.batch, g)
+        if bool(torch.rand(1, generator=g) < 0.5):
+            x = x.flip(-1)  # silhouettes are mirror-invariant classes
+        return F.cross_entropy(model(x), y, label_smoothing=0.05)
+
+    losses = fit(model.parameters(), cfg, loss_fn, "recognizer", progress)
+    model.eval()
+    return model, {"recognizer_accuracy": round(evaluate.recognizer_accuracy(model, *test), 4),
+                   "final_train_loss": _tail(losses)}
+
+
+def train_frame_classifier(cfg, world, data, test, weights_dir, progress):
+    clips, labels = data
+    model = mw.build("frame_classifier").train()
+
+    def loss_fn(g):
+        ci = torch.randint(0, clips.shape[0], (cfg.batch,), generator=g)
+        ti = torch.randint(0, clips.shape[2], (cfg.batch,), generator=g)
+        x = (clips[ci, :, ti].float() / 255)[:, :, None]  # (B, 3, 1, H, W)
+        return F.cross_entropy(model(x)[:, 0], labels[ci], label_smoothing=0.05)
+
+    losses = fit(model.parameters(), cfg, loss_fn, "frame_classifier", progress)
+    model.eval()
+    return model, {"frame_accuracy": round(evaluate.frame_accuracy(model, *test), 4),
+                   "final_train_loss": _tail(losses)}
+
+
+def train_comdefend(cfg, world, data, test, weights_dir, progress):
+    clips, _ = data
+    model = mw.build("comdefend").train()
+
+    def loss_fn(g):
+        x = _frames(clips, cfg.batch, g)
+        code = model.encode(x)
+        return F.mse_loss(model.decode(code), x) + 1e-4 * code.mean()
+
+    losses = fit(model.parameters(), cfg, loss_fn, "comdefend", progress)
+    model.eval()
+    return model, {"comdefend_psnr_db": round(evaluate.reconstruction_psnr(model, test[0]), 2),
+                   "final_train_loss": _tail(losses)}
+
+
+def train_raft(cfg, world, data, test, weights_dir, progress):
+    pool = [make_clip("train", i, world) for i in bar(range(cfg.train_clips), desc="flow pairs", enable=progress)]
+    frames = torch.stack([(s.clip * 255).round().to(torch.uint8) for s in pool])  # (N, 3, T, H, W)
+    flows = torch.stack([s.flow.half() for s in pool])  # (N, T-1, 2, H, W)
+    model = mw.build("raft").train()
+
+    def loss_fn(g):
+        ci = torch.randint(0, frames.shape[0], (cfg.batch,), generator=g)
+        ti = torch.randint(0, flows.shape[1], (cfg.batch,), generator=g)
+        a, b = frames[ci, :, ti].float() / 255, frames[ci, :, ti + 1].float() / 255
+        gt = flows[ci, ti].float()
+        preds = model.predictions(a, b)
+        n = len(preds)
+        return sum(0.8 ** (n - 1 - k) * (p - gt).abs().mean() for k, p in enumerate(preds))
+
+    losses = fit(model.parameters(), cfg, loss_fn, "raft", progress)
+    model.eval()
+    clips_t, flows_t = evaluate.flow_pairs("test", min(cfg.eval_clips, 50), world)
+    return model, {"raft_epe_px": round(evaluate.raft_epe(model, clips_t, flows_t), 4),
+                   "dis_medium_epe_px": round(evaluate.dis_epe(clips_t, flows_t, "medium"), 4),
+                   "final_train_loss": _tail(losses)}
+
+
+TRAINERS = {"vae": train_vae, "unet": train_unet, "recognizer": train_recognizer,
+            "frame_classifier": train_frame_classifier, "comdefend": train_comdefend, "raft": train_raft}
+
+
+def _tail(losses: list[float], n: int = 50) -> float:
+    return round(sum(losses[-n:]) / len(losses[-n:]), 5)
+
+
+def train(cfg: TrainConfig, world: WorldConfig | None = None, weights_dir: str | Path | None = None,
+          progress: bool | None = None, command: str = "") -> dict[str, Any]:
+    """Train ``cfg.component``, save weights and card into ``weights_dir``; returns the card."""
+    world = world or WorldConfig()
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    data = train_data(cfg.train_clips, world)
+    test = train_data(cfg.eval_clips, world, split="test")
+    module, metrics = TRAINERS[cfg.component](cfg, world, data, test, weights_dir, progress)
+    card = {"summary": (mw.build.__doc__ or "").splitlines()[0] and f"{cfg.component} of the vpure mini-world",
+            "command": command or f"vpure train {cfg.component}", "data_seed": world.seed,
+            "train_clips": cfg.train_clips, "eval_clips": cfg.eval_clips, "frames": world.frames, "size": world.size,
+            "steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
+            "train_seconds": round(time.perf_counter() - t0, 1),
+            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+            "torch": torch.__version__, "parameters": sum(p.numel() for p in module.parameters()),
+            "metrics": metrics}
+    mw.save(cfg.component, module, card, weights_dir=weights_dir)
+    log.info("%s: %s", cfg.component, metrics)
+    return card
