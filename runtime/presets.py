@@ -32,6 +32,8 @@ class Preset:
     gpu_only: bool = False
 
 
+from .miniworld import models as _MINI  # noqa: E402  (architecture constants only)
+
 _UNET_BLOCKS = dict(down_block_types=("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",),
                     up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3)
 _VAE_BLOCKS = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
@@ -44,6 +46,11 @@ PRESETS: dict[str, Preset] = {
                          norm_num_groups=32, cross_attention_dim=256, attention_head_dim=8, **_UNET_BLOCKS),
                     dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 128, 128),
                          layers_per_block=2, norm_num_groups=32, **_VAE_BLOCKS)),
+    # The mini-world's shapes (16 frames at 64x64, 5 classes); its trained models live in
+    # vpure.runtime.miniworld, this entry gives their engine profiles.
+    "mini": Preset("mini", 16, 64, {k: v for k, v in _MINI.UNET.items()}, dict(_MINI.VAE),
+                   prompt_tokens=_MINI.PROMPT_TOKENS, recognizer=dict(widths=(16, 32, 64), depths=(1, 1, 1),
+                                                                     stem_width=16), num_classes=5),
     "modelscope": Preset("modelscope", 32, 224,
                          dict(in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
                               layers_per_block=2, norm_num_groups=32, cross_attention_dim=1024,

@@ -1,0 +1,55 @@
+"""``vpure run INPUT``: the Shield over a video file, a folder of frames or a stream; JSON lines per clip."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="video file (anything PyAV decodes), folder of frames, or stream URL")
+    p.add_argument("--config", type=Path, default=None, help="RunConfig TOML (windows, stream, shield, backends)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--engines", type=Path, default=None,
+                     help="run every component from ONNX Runtime fp32 artefacts in this folder")
+    src.add_argument("--torch", action="store_true", help="run every component in torch (the default)")
+    p.add_argument("--out", type=Path, default=None, help="append JSON lines here (default: stdout)")
+    p.add_argument("--window", type=int, default=None, help="frames per clip (default 16)")
+    p.add_argument("--stride", type=int, default=None, help="frames between clip starts (default 8)")
+    p.add_argument("--frame-step", type=int, default=None, help="keep every k-th decoded frame (default 1)")
+    p.add_argument("--tiny", action="store_true", help="tiny random-init models instead of the mini-world ones")
+    p.add_argument("--flow", choices=("raft", "dis"), default=None, help="flow for VideoPure (default raft)")
+
+
+def config_from_args(args: argparse.Namespace):
+    from ..runconfig import ComponentChoice, RuntimeConfig
+    from ..runner import REGISTRY_NAMES, RunConfig
+
+    cfg = RunConfig.load(args.config) if args.config else RunConfig()
+    changes = {k: v for k, v in (("window", args.window), ("stride", args.stride), ("flow", args.flow)) if v}
+    if args.tiny:
+        changes["models"] = "tiny"
+    if args.frame_step:
+        changes["stream"] = cfg.stream.replace(frame_step=args.frame_step)
+    if args.engines:
+        changes["runtime"] = RuntimeConfig(device=cfg.runtime.device, engines_dir=args.engines, components={
+            r: ComponentChoice(backend="onnxruntime") for r in REGISTRY_NAMES.values()})
+    elif args.torch:
+        changes["runtime"] = RuntimeConfig(device=cfg.runtime.device)
+    return cfg.replace(**changes) if changes else cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from ..runner import run_to
+
+    cfg = config_from_args(args)
+    summary = run_to(args.input, cfg, args.out)
+    print(f"vpure run: {summary.text()}", file=sys.stderr)
+    if args.out is not None:
+        print(json.dumps({"summary": summary.to_dict()}))
+    if summary.interrupted:
+        return 130
+    return 1 if summary.stopped and summary.clips == 0 else 0

@@ -1,0 +1,323 @@
+"""The lean runtime behind ``vpure run``: stream -> windows -> Shield -> one JSON line per clip.
+
+Latency by design:
+
+- every component is loaded once (torch modules, or engine backends chosen per component
+  by the :class:`~vpure.runtime.runconfig.RuntimeConfig`) and reused for every clip;
+- decoding runs on its own thread into a bounded queue (:mod:`vpure.runtime.stream`);
+- the window clip is one preallocated tensor rewritten in place;
+- clean clips cost the frame classifier and the recogniser only: flow, the VAE and the
+  UNet are touched on the dense route alone;
+- optical flow is computed once per frame pair and reused by every overlapping window
+  (:class:`CachedFlow`), and VideoPure decodes its members in batches.
+
+Robustness: a clip whose processing fails (an engine error, a NaN) produces an error
+record and the run goes on; ``max_consecutive_failures`` failures in a row stop it with a
+clear message. Every record is flushed as soon as it is written. Ctrl-C stops decoding,
+finishes the summary and returns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import torch
+
+from .config import ConfigBase, check
+from .errors import InputError, VpureError
+from .log import get_logger
+from .runconfig import RuntimeConfig
+from .shield import ShieldConfig
+from .stream import DecodeThread, StreamConfig, Windows
+from .videopure import VideoPureConfig
+
+log = get_logger(__name__)
+
+MODEL_SETS = ("miniworld", "tiny")
+FLOWS = ("raft", "dis")
+
+
+@dataclass(frozen=True)
+class RunConfig(ConfigBase):
+    """Everything ``vpure run`` does, in one TOML-able object."""
+
+    window: int = 16  # frames per clip (the models' T)
+    stride: int = 8  # kept frames between clip starts
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    shield: ShieldConfig = field(default_factory=ShieldConfig)
+    videopure: VideoPureConfig = field(default_factory=lambda: VideoPureConfig(rescale_to_size=True))
+    flow: str = "raft"  # raft (the model set's trained RAFT) or dis (OpenCV DIS medium)
+    models: str = "miniworld"  # the shipped mini-world models, or tiny random-init ones (tests)
+    weights: Path | None = None  # mini-world weights folder (default: shipped)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # backend + precision per component
+    max_consecutive_failures: int = 5
+
+    def validate(self) -> None:
+        check(self.window >= 2, f"RunConfig.window must be >= 2, got {self.window}")
+        check(self.stride >= 1, f"RunConfig.stride must be >= 1, got {self.stride}")
+        check(self.flow in FLOWS, f"RunConfig.flow {self.flow!r} is not one of {FLOWS}")
+        check(self.models in MODEL_SETS, f"RunConfig.models {self.models!r} is not one of {MODEL_SETS}")
+        check(self.max_consecutive_failures >= 1, "RunConfig.max_consecutive_failures must be >= 1")
+
+
+@dataclass
+class Components:
+    """The networks of one deployment, each with its torch module's call signature."""
+
+    frame_classifier: Callable  # (B, 3, T, H, W) -> (B, T, K)
+    recognizer: Callable  # (B, 3, T, H, W) -> (B, K)
+    unet: Callable  # (latents, timestep tensor) -> eps
+    encoder: Callable
+    decoder: Callable
+    comdefend: Callable
+    raft: Callable | None  # (image1, image2) -> flow, or None (DIS)
+    class_names: tuple[str, ...] = ()
+    specs: dict[str, Any] = field(default_factory=dict)  # registry name -> spec with this set's profile
+
+
+# runner field -> registry component it deploys as
+REGISTRY_NAMES = {"frame_classifier": "frame_classifier", "recognizer": "i3d_nl5_r50", "unet": "unet",
+                  "encoder": "vae_encoder", "decoder": "vae_decoder", "comdefend": "comdefend", "raft": "raft"}
+
+
+def load_components(cfg: RunConfig) -> Components:
+    """The model set ``cfg.models`` as torch modules, then engine backends where the runtime config says so."""
+    from . import presets, registry
+
+    if cfg.models == "miniworld":
+        from .miniworld.dataset import CLASSES
+        from .miniworld.models import load_world
+
+        w = load_world(cfg.weights)
+        comps = Components(w.frame_classifier, w.recognizer, w.unet, w.encoder, w.decoder, w.comdefend, w.raft,
+                           CLASSES, {r: presets.component_spec("mini", r) for r in REGISTRY_NAMES.values()})
+    else:
+        comps = Components(*(registry.get(r).build(seed=0) for r in REGISTRY_NAMES.values()),
+                           specs={r: registry.get(r) for r in REGISTRY_NAMES.values()})
+    for fld, reg in REGISTRY_NAMES.items():
+        choice = cfg.runtime.components.get(reg)
+        if choice is None or choice.backend == "torch" and choice.precision.value == "fp32":
+            continue
+        from .backends import create_backend
+
+        spec = comps.specs[reg]
+        backend = create_backend(spec, choice, module=getattr(comps, fld), device=cfg.runtime.device,
+                                 engines_dir=cfg.runtime.engines_dir, reuse_outputs=False)
+        setattr(comps, fld, _as_module_call(backend, spec))
+    return comps
+
+
+def _as_module_call(backend, spec) -> Callable:
+    names, out = spec.input_names, spec.output_names[0]
+
+    def call(*args):
+        return backend(**dict(zip(names, args)))[out]
+
+    call.backend = backend  # type: ignore[attr-defined]
+    return call
+
+
+class CachedFlow:
+    """A flow provider that computes each frame pair once across overlapping windows.
+
+    The runner names the window's global frame ids (:meth:`set_window`) before the defence
+    runs; pairs already computed are reused, the rest computed in one batch. Only pairs of
+    the current window are kept afterwards, so memory stays bounded. Results equal
+    recomputation exactly (the same network on the same frames).
+    """
+
+    def __init__(self, base: Callable, max_pairs: int = 256):
+        self.base, self.max_pairs = base, max_pairs
+        self._cache: OrderedDict[tuple[int, int, str], torch.Tensor] = OrderedDict()
+        self._ids: list[int] | None = None
+        self.computed = self.reused = 0
+
+    def set_window(self, frame_ids: list[int]) -> None:
+        self._ids = list(frame_ids)
+
+    def __call__(self, frames: torch.Tensor, input_range: str = "unit") -> torch.Tensor:
+        b, _, t = frames.shape[:3]
+        if self._ids is None or b != 1 or len(self._ids) != t:
+            return self.base(frames, input_range=input_range)  # no ids for this call: plain computation
+        pairs = [(self._ids[i], self._ids[i + 1], input_range) for i in range(t - 1)]
+        missing = [i for i, p in enumerate(pairs) if p not in self._cache]
+        self.reused += len(pairs) - len(missing)
+        self.computed += len(missing)
+        if missing:
+            # Runs of consecutive missing pairs are computed as sub-clips in one call each.
+            runs, start = [], missing[0]
+            for a, b_ in zip(missing, missing[1:] + [None]):
+                if b_ != a + 1:
+                    runs.append((start, a))
+                    start = b_
+            for lo, hi in runs:
+                flows = self.base(frames[:, :, lo:hi + 2], input_range=input_range)[0]
+                for k in range(hi - lo + 1):
+                    self._cache[pairs[lo + k]] = flows[k].clone()
+        out = torch.stack([self._cache[p] for p in pairs])[None]
+        keep = set(pairs)
+        for key in [k for k in self._cache if k not in keep]:
+            del self._cache[key]
+        while len(self._cache) > self.max_pairs:
+            self._cache.popitem(last=False)
+        return out
+
+
+def build_shield(comps: Components, cfg: RunConfig):
+    """(Shield, CachedFlow) over ``comps``."""
+    from .defence import VideoPure
+    from .flow import DISFlow
+    from .models.raft import RAFTFlow
+    from .shield import Shield
+
+    if cfg.flow == "raft" and comps.raft is not None:
+        if isinstance(comps.raft, torch.nn.Module):
+            base = RAFTFlow(comps.raft, pairs_per_call=16)
+        else:  # an engine: call it pair-batched like RAFTFlow does
+            def base(frames, input_range="unit", f=comps.raft):
+                x = frames[0].transpose(0, 1)  # (T, 3, H, W)
+                return f(x[:-1].contiguous(), x[1:].contiguous())[None]
+    else:
+        base = DISFlow("medium")
+    flow = CachedFlow(base)
+    vp = VideoPure(_eps_fn(comps.unet), comps.encoder, comps.decoder, comps.recognizer, flow, cfg.videopure)
+    shield = Shield(comps.frame_classifier, comps.recognizer, videopure=vp, comdefend=comps.comdefend,
+                    config=cfg.shield)
+    return shield, flow
+
+
+def _eps_fn(unet: Callable) -> Callable:
+    from .models.diffusion import eps_fn_of
+
+    return eps_fn_of(unet)
+
+
+@dataclass
+class RunSummary:
+    clips: int = 0
+    failed: int = 0
+    routes: Counter = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+    interrupted: bool = False
+    stopped: str = ""
+    stream: dict[str, Any] = field(default_factory=dict)
+    flow_pairs: dict[str, int] = field(default_factory=dict)
+
+    def percentile(self, q: float) -> float:
+        v = sorted(self.latencies_ms)
+        if not v:
+            return math.nan
+        if len(v) == 1:
+            return v[0]
+        return statistics.quantiles(v, n=100, method="inclusive")[int(q) - 1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"clips": self.clips, "failed": self.failed, "routes": dict(self.routes),
+                "latency_ms": {f"p{q}": round(self.percentile(q), 2) for q in (50, 90, 99)},
+                "interrupted": self.interrupted, "stopped": self.stopped, "stream": self.stream,
+                "flow_pairs": self.flow_pairs}
+
+    def text(self) -> str:
+        lat = self.to_dict()["latency_ms"]
+        routes = ", ".join(f"{k} {v}" for k, v in sorted(self.routes.items())) or "none"
+        s = self.stream
+        return (f"{self.clips} clips ({routes}; {self.failed} failed), latency p50 {lat['p50']} ms, "
+                f"p90 {lat['p90']} ms, p99 {lat['p99']} ms; {s.get('kept', 0)} frames kept of "
+                f"{s.get('decoded', 0)} decoded, {s.get('decode_errors', 0)} decode errors, "
+                f"{s.get('size_changes', 0)} size changes; ended by: "
+                f"{'Ctrl-C' if self.interrupted else self.stopped or s.get('ended_by', '?')}")
+
+
+class Runner:
+    """Loaded once, then :meth:`run` over any number of inputs."""
+
+    def __init__(self, cfg: RunConfig, components: Components | None = None):
+        self.cfg = cfg
+        self.components = components or load_components(cfg)
+        self.shield, self.flow = build_shield(self.components, cfg)
+
+    def process(self, clip: torch.Tensor, frame_ids: list[int]):
+        """One window through the Shield -> its record."""
+        if not bool(torch.isfinite(clip).all()):
+            raise InputError("clip contains NaN or Inf")
+        self.flow.set_window(frame_ids)
+        return self.shield(clip)[0]
+
+    def run(self, source: str | Path, out: TextIO, *, progress: bool | None = None) -> RunSummary:
+        from .log import progress as bar
+
+        cfg, summary = self.cfg, RunSummary()
+        decoder = DecodeThread(source, cfg.stream)
+        windows = Windows(cfg.window, cfg.stride, cfg.stream.size)
+        failures_in_a_row = 0
+        names = self.components.class_names
+        it = bar(iter(decoder), desc="vpure run", enable=progress)
+        try:
+            for frame in it:
+                w = windows.push(frame)
+                if w is None:
+                    continue
+                ids, t0, clip = w
+                rec: dict[str, Any] = {"clip": summary.clips + summary.failed, "start_time_s": round(t0, 3),
+                                       "frames": [ids[0], ids[-1]]}
+                start = time.perf_counter()
+                try:
+                    r = self.process(clip, ids)
+                except (VpureError, RuntimeError, ValueError, FloatingPointError) as e:
+                    summary.failed += 1
+                    failures_in_a_row += 1
+                    rec |= {"error": f"{type(e).__name__}: {e}"}
+                    log.error("clip %d (frames %d-%d) failed: %s", rec["clip"], ids[0], ids[-1], e)
+                    _write(out, rec)
+                    if failures_in_a_row >= cfg.max_consecutive_failures:
+                        summary.stopped = f"{failures_in_a_row} consecutive clip failures (last: {e})"
+                        break
+                    continue
+                failures_in_a_row = 0
+                total = (time.perf_counter() - start) * 1000
+                summary.clips += 1
+                summary.routes[r.route] += 1
+                summary.latencies_ms.append(total)
+                d = r.to_dict()
+                rec |= {"route": d["route"], "alpha": round(d["alpha"], 4), "label": d["label"],
+                        "label_name": names[d["label"]] if 0 <= d["label"] < len(names) else None,
+                        "votes": d["votes"], "exception_frames": d["exception_frames"],
+                        "ms": d["ms"] | {"total": round(total, 3)}}
+                _write(out, rec)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        except InputError as e:  # the input itself failed (cannot open, too many decode errors)
+            if summary.clips + summary.failed == 0 and decoder.stats.decoded == 0:
+                raise
+            summary.stopped = str(e)
+        finally:
+            decoder.stop()
+            st = decoder.stats
+            summary.stream = {"decoded": st.decoded, "kept": st.kept, "decode_errors": st.decode_errors,
+                              "size_changes": st.size_changes, "ended_by": st.ended_by}
+            summary.flow_pairs = {"computed": self.flow.computed, "reused": self.flow.reused}
+        return summary
+
+
+def _write(out: TextIO, rec: dict[str, Any]) -> None:
+    out.write(json.dumps(rec) + "\n")
+    out.flush()
+
+
+def run_to(source: str | Path, cfg: RunConfig, out_path: str | Path | None = None,
+           components: Components | None = None, progress: bool | None = None) -> RunSummary:
+    """Run ``source``; JSON lines to ``out_path`` (appended, line-buffered) or stdout."""
+    runner = Runner(cfg, components)
+    if out_path is None:
+        return runner.run(source, sys.stdout, progress=progress)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "a", buffering=1) as f:
+        return runner.run(source, f, progress=progress)

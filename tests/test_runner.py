@@ -1,0 +1,203 @@
+"""The lean runtime on real footage with tiny models: windows, records, robustness, flow reuse."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from vpure.runtime import registry
+from vpure.runtime.detect import DetectionConfig
+from vpure.runtime.errors import InputError
+from vpure.runtime.flow import DISFlow
+from vpure.runtime.runner import CachedFlow, Components, Runner, RunConfig, load_components
+from vpure.runtime.shield import ShieldConfig
+from vpure.runtime.stream import StreamConfig, Windows, Frame, window_count
+
+TINY = RunConfig(models="tiny", flow="dis", window=8, stride=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_components():
+    return load_components(TINY)
+
+
+def _run(source, cfg, comps):
+    out = io.StringIO()
+    summary = Runner(cfg, comps).run(source, out, progress=False)
+    return summary, [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+class Constant(torch.nn.Module):
+    """A frame classifier that always says class 0: alpha = 0, the clean route."""
+
+    def forward(self, frames):
+        b, _, t = frames.shape[:3]
+        return torch.nn.functional.one_hot(torch.zeros(t, dtype=torch.long), 5).float().expand(b, t, 5).clone()
+
+
+class Alternating(torch.nn.Module):
+    """A frame classifier whose labels flip every frame: alpha = 1, the dense route."""
+
+    def forward(self, frames):
+        b, _, t = frames.shape[:3]
+        labels = torch.arange(t) % 2
+        return torch.nn.functional.one_hot(labels, 5).float().expand(b, t, 5).clone()
+
+
+@pytest.mark.parametrize("name, step", [("carphone.mp4", 1), ("vtest.avi", 8)])
+def test_records_follow_the_windowing_arithmetic(name, step, data_dir, tiny_components):
+    cfg = TINY.replace(stream=StreamConfig(frame_step=step))
+    comps = Components(**{**tiny_components.__dict__, "frame_classifier": Constant()})  # routing is not the point
+    summary, records = _run(data_dir / name, cfg, comps)
+    kept = summary.stream["kept"]
+    assert kept == -(-summary.stream["decoded"] // step)
+    assert len(records) == summary.clips == window_count(kept, cfg.window, cfg.stride) > 0
+    for i, r in enumerate(records):
+        assert r["clip"] == i and r["frames"] == [i * cfg.stride, i * cfg.stride + cfg.window - 1]
+        assert r["route"] in ("clean", "sparse", "dense") and 0.0 <= r["alpha"] <= 1.0
+        assert r["ms"]["total"] > 0 and "detect" in r["ms"] and any(k.endswith("recognize") for k in r["ms"])
+    times = [r["start_time_s"] for r in records]
+    assert times == sorted(times) and times[0] == 0.0
+    assert summary.stream["decode_errors"] == 0 and summary.stream["ended_by"] == "end of input"
+
+
+def test_dense_route_reuses_flow_across_overlapping_windows(data_dir, tiny_components):
+    comps = Components(**{**tiny_components.__dict__, "frame_classifier": Alternating()})
+    summary, records = _run(data_dir / "carphone.mp4", TINY.replace(stream=StreamConfig(frame_step=6)), comps)
+    assert summary.clips >= 3 and all(r["route"] == "dense" for r in records)
+    assert all(len(r["votes"]) == 7 and "videopure.unet" in r["ms"] for r in records)
+    # windows of 8 every 4 frames: after the first, half of each window's 7 pairs are reused
+    assert summary.flow_pairs["reused"] == 3 * (summary.clips - 1)
+    assert summary.flow_pairs["computed"] == 7 + 4 * (summary.clips - 1)
+
+
+def test_cached_flow_equals_recomputation(data_dir):
+    from vpure.runtime.video import read_frames
+
+    arr = read_frames(data_dir / "vtest.avi", 20, 64)
+    base = DISFlow("medium")
+    cached = CachedFlow(base)
+    win = Windows(8, 3, 64)
+    n = 0
+    for i, rgb in enumerate(arr):
+        w = win.push(Frame(i, i / 25, rgb))
+        if w is None:
+            continue
+        ids, _, clip = w
+        cached.set_window(ids)
+        assert torch.equal(cached(clip), base(clip.clone()))
+        n += 1
+    assert n == window_count(20, 8, 3) and cached.reused > 0
+
+
+def test_truncated_video_keeps_what_decoded(tmp_path, data_dir, tiny_components):
+    data = (data_dir / "carphone.mp4").read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    # An MP4 whose index sits at the end cannot be opened once cut (refused, nothing to
+    # lose); one indexed up front decodes up to the cut. Both are documented outcomes.
+    try:
+        summary, records = _run(cut, TINY, tiny_components)
+    except InputError as e:
+        assert "cannot open" in str(e)
+    else:
+        assert len(records) == summary.clips == window_count(summary.stream["kept"], 8, 4)
+    avi = (data_dir / "vtest.avi").read_bytes()
+    cut_avi = tmp_path / "cut.avi"
+    cut_avi.write_bytes(avi[: len(avi) // 3])
+    comps = Components(**{**tiny_components.__dict__, "frame_classifier": Constant()})
+    summary, records = _run(cut_avi, TINY.replace(stream=StreamConfig(frame_step=4)), comps)
+    assert 0 < summary.stream["decoded"] < 795 and len(records) == window_count(summary.stream["kept"], 8, 4) > 0
+
+
+def test_random_bytes_are_refused_clearly(tmp_path, tiny_components):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
+    with pytest.raises(InputError, match="cannot open .*junk.mp4|no video stream"):
+        _run(junk, TINY, tiny_components)
+    with pytest.raises(InputError, match="neither a file"):
+        _run(tmp_path / "missing.mp4", TINY, tiny_components)
+
+
+def test_cli_exit_code_and_message_for_junk(tmp_path, capsys):
+    from vpure.runtime.cli import main
+
+    junk = tmp_path / "junk.avi"
+    junk.write_bytes(b"\x00" * 1000)
+    assert main(["run", str(junk), "--tiny"]) == 2
+    assert "vpure run: error: cannot open" in capsys.readouterr().err
+
+
+def test_frames_of_another_size_and_unreadable_images(tmp_path, data_dir, tiny_components):
+    from vpure.runtime.video import read_frames
+
+    arr = read_frames(data_dir / "vtest.avi", 12, 96)
+    for i, rgb in enumerate(arr):
+        img = cv2.resize(rgb, (120, 80)) if i == 5 else rgb
+        cv2.imwrite(str(tmp_path / f"{i:04d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    (tmp_path / "0006b.png").write_bytes(b"not a png")
+    summary, records = _run(tmp_path, TINY, tiny_components)
+    assert summary.stream["size_changes"] == 1 and summary.stream["decode_errors"] == 1
+    assert summary.stream["kept"] == 12 and len(records) == window_count(12, 8, 4)
+
+
+def test_a_failing_engine_costs_one_clip_then_stops_after_too_many(data_dir, tiny_components):
+    calls = {"n": 0}
+    rec = tiny_components.recognizer
+
+    def flaky(x):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("engine exploded")
+        return rec(x)
+
+    comps = Components(**{**tiny_components.__dict__, "recognizer": flaky})
+    summary, records = _run(data_dir / "carphone.mp4", TINY, comps)
+    assert summary.failed == 1 and "engine exploded" in records[1]["error"]
+    assert summary.clips == len(records) - 1
+
+    def broken(x):
+        raise RuntimeError("engine gone")
+
+    comps = Components(**{**tiny_components.__dict__, "recognizer": broken})
+    summary, records = _run(data_dir / "carphone.mp4", TINY.replace(max_consecutive_failures=3), comps)
+    assert summary.failed == 3 and len(records) == 3 and "3 consecutive clip failures" in summary.stopped
+
+
+def test_ctrl_c_ends_cleanly_with_the_summary(data_dir, tiny_components):
+    calls = {"n": 0}
+    rec = tiny_components.recognizer
+
+    def interrupted(x):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return rec(x)
+
+    comps = Components(**{**tiny_components.__dict__, "recognizer": interrupted})
+    summary, records = _run(data_dir / "carphone.mp4", TINY, comps)
+    assert summary.interrupted and summary.clips == 2 and len(records) == 2
+    assert "Ctrl-C" in summary.text()
+
+
+def test_run_config_round_trips_through_toml(tmp_path):
+    cfg = TINY.replace(shield=ShieldConfig(detection=DetectionConfig(gamma1=0.1, gamma2=0.2)))
+    cfg.save(tmp_path / "run.toml")
+    assert RunConfig.load(tmp_path / "run.toml") == cfg
+
+
+def test_cli_run_writes_lines_and_summary(tmp_path, data_dir, capsys):
+    from vpure.runtime.cli import main
+
+    out = tmp_path / "records.jsonl"
+    assert main(["run", str(data_dir / "carphone.mp4"), "--tiny", "--flow", "dis", "--window", "8", "--stride", "8",
+                 "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == window_count(120, 8, 8)
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert summary["clips"] == len(lines) and summary["latency_ms"]["p50"] > 0
