@@ -14,3 +14,11 @@ def load_clip(name: str = "vtest.avi", frames: int = 32, size: int = 224, start:
     if data is None or not (data / name).is_file():
         raise SystemExit(f"footage {name} not found: set VPURE_DATA to the shared data folder")
     return read_frames(data / name, frames, size, start)
+
+
+def data_path(name: str):
+    """Path of shared footage ``name`` (exits with a clear message when it is absent)."""
+    data = read_environment().data_dir
+    if data is None or not (data / name).is_file():
+        raise SystemExit(f"footage {name} not found: set VPURE_DATA to the shared data folder")
+    return data / name

@@ -97,12 +97,12 @@ def decode_frames(decoder: Module, z: torch.Tensor, frames_per_call: int = 0) ->
 class TimedEps:
     """eps_fn wrapper counting UNet calls and their time (for per-stage timings)."""
 
-    def __init__(self, eps_fn, sw: Stopwatch):
-        self.eps_fn, self.sw, self.calls = eps_fn, sw, 0
+    def __init__(self, eps_fn, sw: Stopwatch, stage: str = "unet"):
+        self.eps_fn, self.sw, self.calls, self.stage = eps_fn, sw, 0, stage
 
     def __call__(self, z: torch.Tensor, t: int) -> torch.Tensor:
         self.calls += 1
-        with self.sw("unet"):
+        with self.sw(self.stage):
             return self.eps_fn(z, t)
 
 
@@ -140,15 +140,16 @@ class VideoPure:
             z0 = self.encoder(clip)
         with sw("flow"):
             flow = downsample_flow(flow, tuple(z0.shape[-2:]))
-        eps = TimedEps(self.eps_fn, sw)
+        inv, eps = TimedEps(self.eps_fn, sw, "unet_invert"), TimedEps(self.eps_fn, sw, "unet_denoise")
         with sw("purify"):
-            members = purify_latents(eps, z0, flow, cfg)
+            members = purify_latents(eps, z0, flow, cfg, invert_eps_fn=inv)
         with sw("vae_decode"):
             frames = self.decode_members(members)
         logits = classify(self.recognizer, frames, sw).reshape(len(members), b, -1)
         with sw("vote"):
             label, member_labels = vote(logits, cfg.voting)
         timings = dict(sw.ms)
-        timings["sto_and_schedule"] = timings.pop("purify") - timings.get("unet", 0.0)
-        timings["unet_calls"] = float(eps.calls)
+        timings["unet"] = timings.get("unet_invert", 0.0) + timings.get("unet_denoise", 0.0)
+        timings["sto_and_schedule"] = timings.pop("purify") - timings["unet"]
+        timings["unet_calls"] = float(inv.calls + eps.calls)
         return DefenceResult(label, logits, member_labels, timings, frames[-b:] if keep_frames else None)

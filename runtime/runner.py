@@ -251,7 +251,10 @@ class Runner:
         self.flow.set_window(frame_ids)
         return self.shield(clip)[0]
 
-    def run(self, source: str | Path, out: TextIO, *, progress: bool | None = None) -> RunSummary:
+    def run(self, source: str | Path, out: TextIO, *, progress: bool | None = None,
+            on_record: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
+        """Stream ``source`` through the Shield, one JSON line per clip to ``out``
+        (``on_record`` sees each record too: monitoring, tests)."""
         from .log import progress as bar
 
         cfg, summary = self.cfg, RunSummary()
@@ -276,7 +279,7 @@ class Runner:
                     failures_in_a_row += 1
                     rec |= {"error": f"{type(e).__name__}: {e}"}
                     log.error("clip %d (frames %d-%d) failed: %s", rec["clip"], ids[0], ids[-1], e)
-                    _write(out, rec)
+                    _write(out, rec, on_record)
                     if failures_in_a_row >= cfg.max_consecutive_failures:
                         summary.stopped = f"{failures_in_a_row} consecutive clip failures (last: {e})"
                         break
@@ -291,7 +294,7 @@ class Runner:
                         "label_name": names[d["label"]] if 0 <= d["label"] < len(names) else None,
                         "votes": d["votes"], "exception_frames": d["exception_frames"],
                         "ms": d["ms"] | {"total": round(total, 3)}}
-                _write(out, rec)
+                _write(out, rec, on_record)
         except KeyboardInterrupt:
             summary.interrupted = True
         except InputError as e:  # the input itself failed (cannot open, too many decode errors)
@@ -307,9 +310,11 @@ class Runner:
         return summary
 
 
-def _write(out: TextIO, rec: dict[str, Any]) -> None:
+def _write(out: TextIO, rec: dict[str, Any], hook=None) -> None:
     out.write(json.dumps(rec) + "\n")
     out.flush()
+    if hook is not None:
+        hook(rec)
 
 
 def run_to(source: str | Path, cfg: RunConfig, out_path: str | Path | None = None,

@@ -140,18 +140,20 @@ def sto_step(z: torch.Tensor, x0: torch.Tensor, z0: torch.Tensor, flow: torch.Te
 
 
 def purify_latents(eps_fn: EpsFn, z0: torch.Tensor, flow: torch.Tensor,
-                   config: VideoPureConfig | None = None) -> list[torch.Tensor]:
+                   config: VideoPureConfig | None = None, invert_eps_fn: EpsFn | None = None) -> list[torch.Tensor]:
     """Stages 2 and 3: the voting members in order t = 101, 81, ..., 1, then the final latent.
 
     z0 (B, 4, T, h, w), flow (B, T-1, 2, h, w) at latent resolution. Each member has z0's
     shape. With ``config.sto`` off the members are the plain DDIM x0 predictions.
+    ``invert_eps_fn`` (default ``eps_fn``) serves the inversion calls: the same network,
+    passed separately only so callers can time the two phases apart.
     """
     cfg = config or VideoPureConfig()
     check_latents(z0, flow)
     step = cfg.step
     ts = cfg.timesteps
     lam_spa, lam_temp = cfg.lambdas(tuple(z0.shape))
-    z = temporal_ddim_invert(eps_fn, z0, ts, replicate_first_frame=cfg.temporal_inversion, step=step)
+    z = temporal_ddim_invert(invert_eps_fn or eps_fn, z0, ts, replicate_first_frame=cfg.temporal_inversion, step=step)
 
     def optimise(z_t, x0_t, t):
         if not cfg.sto:

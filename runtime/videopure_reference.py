@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import schedule
-from .defence import DefenceResult, Stopwatch, check_clip
+from .defence import DefenceResult, Stopwatch, TimedEps, check_clip
 from .flow import downsample_flow
 from .videopure import VideoPureConfig, vote
 
@@ -107,8 +107,9 @@ class ReleasedVideoPure:
             with sw("vae_encode"):
                 z0 = self.encoder(clip)
             flow = downsample_flow(flow, tuple(z0.shape[-2:]))
+            eps = TimedEps(self.eps_fn, sw, "unet")
             with sw("purify"):
-                members = purify_latents_released(self.eps_fn, z0, flow, cfg)
+                members = purify_latents_released(eps, z0, flow, cfg)
             logits, frames = [], None
             for m in members:  # one by one, each frame on its own (as released)
                 with sw("vae_decode"):
@@ -118,4 +119,7 @@ class ReleasedVideoPure:
             with sw("vote"):
                 stacked = torch.stack(logits)
                 label, member_labels = vote(stacked, cfg.voting)
-        return DefenceResult(label, stacked, member_labels, dict(sw.ms), frames if keep_frames else None)
+        timings = dict(sw.ms)
+        timings["sto_and_schedule"] = timings.pop("purify") - timings.get("unet", 0.0)
+        timings["unet_calls"] = float(eps.calls)
+        return DefenceResult(label, stacked, member_labels, timings, frames if keep_frames else None)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from vpure.runtime import registry
 from vpure.runtime.detect import DetectionConfig
 from vpure.runtime.errors import InputError
 from vpure.runtime.flow import DISFlow

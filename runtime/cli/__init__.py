@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("vpure.runtime.cli.calibrate", "choose the detection thresholds by F1 on labelled clips"),
     "export": ("vpure.export.cli", "export components to ONNX artefacts (fp32/fp16/int8) with sidecars"),
     "run": ("vpure.runtime.cli.run", "run the Shield over a video file, frame folder or stream (JSON lines)"),
+    "bench": ("vpure.runtime.cli.bench", "end-to-end latency per stage vs the released-code reference (CSV + PNG)"),
     "demo": ("vpure.runtime.cli.demo", "attack a mini-world clip and watch the Shield defend it (PNG strip)"),
     "train": ("vpure.runtime.cli.train", "train the mini-world networks on CPU (weights + model cards)"),
 }

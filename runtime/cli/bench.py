@@ -1,0 +1,44 @@
+"""``vpure bench``: end-to-end latency per stage, runtime vs the released-code reference."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--configs", default="tiny,small", help="tiny, small, modelscope (CUDA only); comma-separated")
+    p.add_argument("--backends", default="torch", help="torch, onnxruntime; comma-separated")
+    p.add_argument("--precisions", default="fp32,bf16,fp16", help="fp32, bf16 (CPU), fp16 (CUDA), int8 (onnxruntime)")
+    p.add_argument("--iters", type=int, default=3, help="timed runs per case after one warm-up (default 3)")
+    p.add_argument("--video", type=Path, default=None, help="clip to decode (default: a mini-world clip, encoded)")
+    p.add_argument("--engines", type=Path, default=None, help="artefact cache for onnxruntime cases")
+    p.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV to append rows to ('' for none)")
+    p.add_argument("--png", type=Path, default=Path("benchmarks/results/stages.png"), help="stage breakdown chart")
+    p.add_argument("--clean-route", action="store_true",
+                   help="also time the Shield's clean route against the recogniser alone (mini-world models)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..endtoend import bench_clean_route, bench_config, stage_chart
+    from ..errors import ConfigError
+
+    torch.set_grad_enabled(True)
+    csv = args.csv or None
+    results, skipped = {}, []
+    for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
+        try:
+            results[name] = bench_config(name, backends=args.backends.split(","),
+                                         precisions=args.precisions.split(","), iters=args.iters, csv_path=csv,
+                                         engines_dir=args.engines, video=args.video)
+        except ConfigError as e:
+            skipped.append(f"{name}: {e}")
+    if args.clean_route:
+        bench_clean_route(csv_path=csv)
+    if results:
+        print(f"\nstage chart: {stage_chart(args.png, results).resolve()}")
+    for line in skipped:
+        print(f"skipped {line}")
+    return 0

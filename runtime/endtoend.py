@@ -1,0 +1,261 @@
+"""End-to-end latency (``vpure bench``): per-stage tables, the released-code reference beside
+the runtime in the same invocation, CSV rows and a PNG of the stage breakdown.
+
+One clip of the configuration's size is encoded to a video file once; every timed run
+decodes it (PyAV, the ``decode`` stage), runs the detection gate, then VideoPure with the
+configuration's models (random init: latency does not depend on the weights) and DIS flow.
+The reference is :class:`~vpure.runtime.videopure_reference.ReleasedVideoPure` on the same
+models, decoded clip and flow; parity is identical votes. Cases are backends x precisions:
+torch fp32 (the runtime path), torch bf16 on CPU / fp16 on CUDA (UNet and VAE decoder),
+and ONNX Runtime artefacts (exported on first use into ``engines_dir``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import benchmark, presets
+from .errors import ConfigError
+
+STAGES = ("decode", "detect", "flow", "vae_encode", "unet_invert", "unet_denoise", "unet", "sto_and_schedule",
+          "vae_decode", "recognize", "vote")
+
+
+def encode_clip(clip: torch.Tensor, path: Path, fps: int = 25) -> Path:
+    """(3, T, H, W) in [0, 1] -> a lossless-ish MPEG-4 file (the decode stage's input)."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = clip.shape[-1], clip.shape[-2]
+        stream.pix_fmt, stream.bit_rate = "yuv420p", 20_000_000
+        for t in range(clip.shape[1]):
+            rgb = (clip[:, t].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def default_clip(frames: int, size: int) -> torch.Tensor:
+    """A mini-world test clip at the requested size (real photographs, moving object)."""
+    from .miniworld.dataset import WorldConfig, make_clip
+
+    cfg = WorldConfig(frames=frames, size=size, background_short_side=max(160, 2 * size + 8),
+                      object_radius=(size * 11 / 64, size * 17 / 64))
+    return make_clip("test", 0, cfg).clip
+
+
+@dataclass
+class Pipeline:
+    """decode -> detect -> defence, timed per stage; called by the benchmark harness."""
+
+    video: Path
+    frames: int
+    size: int
+    detector: Any
+    defence: Any
+    device: str
+    stages: list[dict[str, float]] = field(default_factory=list)
+
+    def __call__(self):
+        from .defence import Stopwatch
+        from .stream import StreamConfig, frames as read
+
+        sw = Stopwatch(self.device)
+        with sw("decode"):
+            rgb = np.stack([f.rgb for _, f in zip(range(self.frames), read(self.video, StreamConfig(size=self.size)))])
+            clip = torch.from_numpy(rgb).permute(3, 0, 1, 2)[None].float().div_(255).to(self.device)
+        with sw("detect"):
+            self.detector(clip)
+        r = self.defence(clip)
+        self.stages.append(dict(sw.ms) | {k: v for k, v in r.timings_ms.items() if k != "unet_calls"})
+        return r
+
+
+def _same_votes(out, ref) -> str:
+    assert torch.equal(out.member_labels, ref.member_labels), "member votes differ"
+    assert torch.equal(out.label, ref.label), "final vote differs"
+    return f"same votes, max|dlogit|={(out.logits - ref.logits).abs().max().item():.1e}"
+
+
+def _low_precision_parity(out, ref) -> str:
+    agree = int((out.member_labels == ref.member_labels).sum())
+    return f"{agree}/{ref.member_labels.numel()} member votes as fp32"  # low precision may move a vote
+
+
+def _ort_wrap(name: str, comp: str, module, precision: str, engines_dir: Path) -> Callable:
+    from vpure.export import export_component  # benchmarks may export; the runtime proper never does
+
+    from .backends import create_backend
+    from .runconfig import ComponentChoice
+
+    spec = presets.component_spec(name, comp)
+    export_component(spec, module, engines_dir, precision, source=f"{name} random-init")
+    backend = create_backend(spec, ComponentChoice(backend="onnxruntime", precision=precision),
+                             engines_dir=engines_dir)
+    names, out = spec.input_names, spec.output_names[0]
+    return lambda *args: backend(**dict(zip(names, args)))[out]
+
+
+def cases_for(name: str, m, backends: list[str], precisions: list[str], device: str, engines_dir: Path):
+    """(case name, eps_fn, encoder, decoder, parity) for each backend x precision asked."""
+    from .models.diffusion import eps_fn_of
+
+    out = []
+    for backend in backends:
+        for p in precisions:
+            if backend == "torch" and p == "fp32":
+                out.append(("torch fp32", eps_fn_of(m.unet), m.encoder, m.decoder, _same_votes))
+            elif backend == "torch" and p in ("bf16", "fp16"):
+                if (p == "fp16") != (device == "cuda"):
+                    continue  # bf16 is the CPU's low precision, fp16 the GPU's
+                dt = torch.bfloat16 if p == "bf16" else torch.float16
+                m16 = presets.build(name, device=device, dtype=dt)
+                e16 = eps_fn_of(m16.unet)
+                out.append((f"torch {p} UNet+decoder", lambda z, t, e=e16, d=dt: e(z.to(d), t).float(), m.encoder,
+                            lambda z, d=dt, dec=m16.decoder: dec(z.to(d)).float(), _low_precision_parity))
+            elif backend == "onnxruntime" and p in ("fp32", "fp16", "int8"):
+                if device != "cpu":
+                    continue  # onnxruntime-gpu is not part of this benchmark's machines
+                unet = _ort_wrap(name, "unet", m.unet, p, engines_dir)
+                enc = _ort_wrap(name, "vae_encoder", m.encoder, "fp32" if p == "int8" else p, engines_dir)
+                dec = _ort_wrap(name, "vae_decoder", m.decoder, "fp32" if p == "int8" else p, engines_dir)
+                out.append((f"onnxruntime {p}", eps_fn_of(unet), enc, dec,
+                            _same_votes if p == "fp32" else _low_precision_parity))
+    return out
+
+
+def bench_config(name: str, *, backends: list[str], precisions: list[str], iters: int = 3,
+                 csv_path: str | Path | None = None, engines_dir: Path | None = None,
+                 video: Path | None = None) -> list[tuple[str, benchmark.Row, Pipeline]]:
+    from .defence import VideoPure
+    from .detect import Detector
+    from .flow import DISFlow
+    from .models.diffusion import eps_fn_of
+    from .videopure_reference import ReleasedVideoPure
+
+    preset = presets.get(name)
+    device = "cuda" if preset.gpu_only or torch.cuda.is_available() else "cpu"
+    if preset.gpu_only and not torch.cuda.is_available():
+        raise ConfigError(f"configuration {name!r} needs a CUDA device (none here)")
+    m = presets.build(name, device=device)
+    det = Detector(m.recognizer.frame_classifier)
+    flow = DISFlow("medium")
+    work = Path(tempfile.mkdtemp(prefix="vpure-bench-"))
+    src = video or encode_clip(default_clip(preset.frames, preset.size), work / f"{name}.mp4")
+    engines_dir = engines_dir or work / "engines"
+    ref = Pipeline(src, preset.frames, preset.size, det,
+                   ReleasedVideoPure(eps_fn_of(m.unet), m.encoder, m.decoder, m.recognizer, flow), device)
+    cases, pipes = [], {"released-equivalent": ref}
+    for cname, eps, enc, dec, parity in cases_for(name, m, backends, precisions, device, engines_dir):
+        p = Pipeline(src, preset.frames, preset.size, det, VideoPure(eps, enc, dec, m.recognizer, flow), device)
+        pipes[cname] = p
+        cases.append(benchmark.Case(cname, p, parity))
+    cfg = f"{name}: T={preset.frames} {preset.size}x{preset.size}, decode+detect+VideoPure (t*=6, 7 members), {device}"
+    rows = benchmark.run("e2e", cfg, benchmark.Case("released-equivalent", ref), cases, device=device,
+                         csv_path=csv_path, warmup=1, min_iters=iters, min_time_s=0.0)
+    out = []
+    for row in rows:
+        key = row.case.removesuffix(" (ref)")
+        out.append((key, row, pipes[key]))
+    print_stages(out)
+    return out
+
+
+def stage_p50(p: Pipeline) -> dict[str, float]:
+    keys = [k for k in STAGES if any(k in s for s in p.stages)]
+    return {k: statistics.median([s.get(k, 0.0) for s in p.stages]) for k in keys}
+
+
+def print_stages(results) -> None:
+    names = [n for n, _, _ in results]
+    stages = [k for k in STAGES if any(k in s for _, _, p in results for s in p.stages)]
+    print(f"\n  {'stage (ms, p50)':<20}" + "".join(f"{n[:22]:>24}" for n in names))
+    for k in stages:
+        vals = []
+        for _, _, p in results:
+            v = [s[k] for s in p.stages if k in s]
+            vals.append(f"{statistics.median(v):>24.1f}" if v else f"{'-':>24}")
+        print(f"  {k:<20}" + "".join(vals))
+    print(f"  {'clips/s':<20}" + "".join(f"{1000.0 / r.p50_ms:>24.3f}" if r.p50_ms == r.p50_ms else f"{'-':>24}"
+                                         for _, r, _ in results))
+
+
+def stage_chart(path: Path, results_by_config: dict[str, list]) -> Path:
+    """Horizontal stacked bars of stage p50 per case, one block per configuration."""
+    import cv2
+
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (90, 90, 200)]
+    bars = [(cfg, name, stage_p50(p)) for cfg, res in results_by_config.items() for name, _, p in res if p.stages]
+    width, left, bar_h = 1100, 330, 26
+    height = 60 + len(bars) * (bar_h + 8) + 64
+    img = np.full((height, width, 3), 255, np.uint8)
+    cv2.putText(img, "vpure bench: stage breakdown (p50, ms)", (10, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1,
+                cv2.LINE_AA)
+    def total(st: dict[str, float]) -> float:  # "unet" is the sum of the two phases when they are split
+        return sum(v for k, v in st.items() if not (k == "unet" and "unet_invert" in st)) or 1.0
+
+    scale = (width - left - 110) / max((total(st) for _, _, st in bars), default=1.0)
+    y = 50
+    for cfg, name, st in bars:
+        cv2.putText(img, f"{cfg} | {name}"[:42], (10, y + 18), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+        x = left
+        for i, k in enumerate(STAGES):
+            if k not in st or (k == "unet" and ("unet_invert" in st)):
+                continue
+            w = int(round(st[k] * scale))
+            cv2.rectangle(img, (x, y), (x + max(w, 1), y + bar_h), colours[i % len(colours)], -1)
+            x += w
+        cv2.putText(img, f"{total(st):.0f} ms", (x + 6, y + 18), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+        y += bar_h + 8
+    x = 10
+    for i, k in enumerate(STAGES):
+        if x + 18 + 9 * len(k) > width:
+            x, y = 10, y + 22
+        cv2.rectangle(img, (x, y + 8), (x + 14, y + 22), colours[i % len(colours)], -1)
+        cv2.putText(img, k, (x + 18, y + 20), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
+        x += 18 + 9 * len(k) + 12
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), img[:, :, ::-1])
+    return path
+
+
+def bench_clean_route(iters: int = 20, csv_path: str | Path | None = None, weights_dir: Path | None = None):
+    """The Shield's clean route against the recogniser alone, on the mini-world models."""
+    from .miniworld.dataset import make_clip
+    from .miniworld.demo import build_shield
+    from .miniworld.models import load_world
+
+    world = load_world(weights_dir)
+    shield, _ = build_shield(world, "dis")
+    clips = [make_clip("test", i).clip[None] for i in range(8)]
+    clean = next((c for c in clips if shield.detector(c).route[0] == "clean"), None)
+    if clean is None:
+        raise ConfigError("none of the first 8 test clips takes the clean route")
+
+    def alone(x=clean):
+        with torch.inference_mode():
+            return world.recognizer(x).argmax(-1)
+
+    def gated(x=clean):
+        return torch.tensor([shield(x)[0].label])
+
+    def parity(out, ref):
+        assert torch.equal(out, ref), "labels differ"
+        return "same label"
+
+    return benchmark.run("e2e-clean-route", "mini-world, 16x64x64, clean test clip",
+                         benchmark.Case("recogniser alone", alone), [benchmark.Case("Shield, clean route", gated, parity)],
+                         csv_path=csv_path, warmup=3, min_iters=iters, min_time_s=1.0)
