@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Project entry point on a fresh machine. Creates (or reuses) the virtual environment
 # .venv, installs vpure editable with its test extras, then:
-#   ./dev.sh main [ARGS]   the main job (`vpure info` until `vpure demo` lands)
+#   ./dev.sh main [ARGS]   the main job: `vpure demo` on the shipped mini-world models
 #   ./dev.sh test [ARGS]   the test suite (pytest ARGS)
 #   ./dev.sh setup         only the environment
 # torch is pinned to exactly 2.13.0: on machines that serve a local CPU wheel (pip
@@ -38,7 +38,7 @@ cmd=${1:-main}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
-  main) setup; exec "$VENV/bin/vpure" info "$@" ;;
+  main) setup; exec "$VENV/bin/vpure" demo "$@" ;;
   test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
   *) echo "usage: ./dev.sh [main|test|setup] [ARGS]" >&2; exit 2 ;;
 esac

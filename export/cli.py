@@ -13,6 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-dir", type=Path, help="ModelScope folder for unet/vae_encoder/vae_decoder")
     src.add_argument("--tiny", action="store_true", help="export the tiny random-init test configurations")
+    src.add_argument("--miniworld", action="store_true",
+                     help="export the shipped mini-world models (16x64x64 profiles) for `vpure run --engines`")
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
                    help="checkpoint for a non-diffusion component (repeatable)")
     p.add_argument("--calibration", default="random", metavar="SOURCE",
@@ -23,6 +25,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also build TensorRT engines (needs tensorrt and a CUDA GPU; skipped with the reason otherwise)")
     p.add_argument("--clip", type=Path, help="video for the UNet's effect on the VideoPure members (default: synthetic)")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching artefact exists")
+
+
+def _miniworld(names: list[str]) -> tuple[list, dict]:
+    """Mini-world modules under the registry names they deploy as, with the mini profiles."""
+    from vpure.runtime import presets
+    from vpure.runtime.miniworld.models import load_world
+    from vpure.runtime.runner import REGISTRY_NAMES
+
+    world = load_world()
+    by_name = {reg: getattr(world, {"encoder": "encoder", "decoder": "decoder"}.get(f, f))
+               for f, reg in REGISTRY_NAMES.items()}
+    wanted = [n for n in names if n in by_name]
+    for n in names:
+        if n not in by_name:
+            print(f"skipping {n}: not part of the mini-world")
+    return [presets.component_spec("mini", n) for n in wanted], {n: by_name[n] for n in wanted}
 
 
 def _modules(args, specs, ckpts) -> dict:
@@ -54,11 +72,24 @@ def _member_effect(args, unet_spec, unet, engines_dir, precision, recipe) -> str
     frames, size = int(dims["T"]), 8 * int(dims["h"])
     if args.tiny:
         enc, dec = registry.get("vae_encoder").build(seed=0), registry.get("vae_decoder").build(seed=0)
+    elif args.miniworld:
+        from vpure.runtime.miniworld.models import load_world
+
+        world = load_world()
+        enc, dec = world.encoder, world.decoder
     else:
         enc, dec = registry.get("vae_encoder").load(args.model_dir), registry.get("vae_decoder").load(args.model_dir)
-    # The recogniser only has to be fixed for both runs: a tiny per-frame one is enough to compare labels.
-    rec = MeanOverTime(registry.get("frame_classifier").build(seed=0)).eval()
-    clip = load_clip(args.clip, frames, size) if args.clip else synthetic_clip(frames, size)
+    # The recogniser only has to be fixed for both runs: a tiny per-frame one is enough to
+    # compare labels, the trained one (and a test clip) where the mini-world is exported.
+    rec = world.recognizer if args.miniworld else MeanOverTime(registry.get("frame_classifier").build(seed=0)).eval()
+    if args.clip:
+        clip = load_clip(args.clip, frames, size)
+    elif args.miniworld:
+        from vpure.runtime.miniworld.dataset import make_clip
+
+        clip = make_clip("test", 0).clip[:, :frames][None].contiguous()
+    else:
+        clip = synthetic_clip(frames, size)
     backend = create_backend(unet_spec, ComponentChoice(backend="onnxruntime", precision=precision,
                                                         calibration=recipe), engines_dir=engines_dir)
     e = unet_member_effect(unet, backend, enc, dec, rec, clip)
@@ -85,11 +116,19 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--checkpoint {item!r} must be NAME=PATH")
         ckpts[name] = Path(path)
     recipe = CalibrationRecipe(source=args.calibration, count=args.calib_count, method=args.calib_method)
-    modules = _modules(args, specs, ckpts)
+    if args.miniworld:
+        specs, modules = _miniworld([s.name for s in specs])
+    else:
+        modules = _modules(args, specs, ckpts)
     companions = dict(modules)
     if "vae_encoder" not in companions and args.calibration != "random" and "int8" in args.precision:
         vae = registry.get("vae_encoder")
-        companions["vae_encoder"] = vae.build(seed=0) if args.tiny else vae.load(args.model_dir)
+        if args.miniworld:
+            from vpure.runtime.miniworld.models import load_world
+
+            companions["vae_encoder"] = load_world().encoder
+        else:
+            companions["vae_encoder"] = vae.build(seed=0) if args.tiny else vae.load(args.model_dir)
     trt_why = None
     if args.tensorrt:
         from vpure.export.tensorrt_builder import build_engine, unavailable_reason
@@ -108,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
             rec = recipe if precision is Precision.INT8 else None
             try:
                 path = export_component(spec, modules[spec.name], args.out, precision, calibration=rec,
-                                        force=args.force, source="tiny random-init" if args.tiny else "checkpoint",
+                                        force=args.force, source="tiny random-init" if args.tiny else
+                                        "mini-world shipped weights" if args.miniworld else "checkpoint",
                                         companions=companions)
             except ArtifactError as e:  # one failed artefact does not cost the others
                 failed.append(str(e))

@@ -60,10 +60,13 @@ def warp_l1_ref(x: torch.Tensor, flow: torch.Tensor, *, detach_warp: bool = True
 
 
 def warp_l1_grad_ref(x: torch.Tensor, flow: torch.Tensor, *, detach_warp: bool = True):
-    """(loss (B,) float64, grad float64 like x) by autograd through ``warp_l1_ref``."""
-    xr = x.detach().double().requires_grad_(True)
-    loss = warp_l1_ref(xr, flow, detach_warp=detach_warp)
-    (grad,) = torch.autograd.grad(loss.sum(), xr)
+    """(loss (B,) float64, grad float64 like x) by autograd through ``warp_l1_ref``.
+
+    Works under ``torch.inference_mode`` / ``no_grad`` too (the defence runs there)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        xr = x.detach().clone().double().requires_grad_(True)
+        loss = warp_l1_ref(xr, flow.detach().clone(), detach_warp=detach_warp)
+        (grad,) = torch.autograd.grad(loss.sum(), xr)
     return loss.detach(), grad
 
 

@@ -134,7 +134,9 @@ def sto_step(z: torch.Tensor, x0: torch.Tensor, z0: torch.Tensor, flow: torch.Te
     n = x0[0].numel()
     g = (2.0 * lambda_spa / n) * (x0 - z0)
     if lambda_temp and x0.shape[2] > 1:
-        _, g_temp = warp_l1_grad(x0, flow, detach_warp=detach_warp, impl=impl)
+        # The temporal gradient is a sum of signs: its derivative is zero almost everywhere,
+        # so detaching it keeps this step exactly differentiable (full-gradient attacks).
+        _, g_temp = warp_l1_grad(x0.detach(), flow.detach(), detach_warp=detach_warp, impl=impl)
         g = g - lambda_temp * g_temp.to(g.dtype)
     return z + (c_t / math.sqrt(abar_t)) * g
 

@@ -61,6 +61,11 @@ def test_wheel_builds_and_installs(tmp_path):
     assert any(n.startswith("vpure/kernels/_native") for n in names), "native extension missing from wheel"
     assert "vpure/__main__.py" in names and "vpure/runtime/__init__.py" in names
     assert not any(n.endswith((".cpp", ".h", ".inc")) for n in names)
+    from vpure.runtime.miniworld.models import COMPONENTS
+
+    for c in COMPONENTS:  # `vpure demo` needs nothing outside the installed package
+        assert f"vpure/runtime/miniworld/weights/{c}.safetensors" in names, f"{c} weights missing from wheel"
+        assert f"vpure/runtime/miniworld/weights/{c}.md" in names, f"{c} model card missing from wheel"
 
     # A clean environment that sees this venv's dependencies but not the editable install.
     env_dir = tmp_path / "venv"

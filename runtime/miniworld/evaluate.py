@@ -100,3 +100,31 @@ def dis_epe(clips: torch.Tensor, flows: torch.Tensor, preset: str = "medium") ->
 
 def test_split(count: int, cfg: WorldConfig | None = None, split: str = "test"):
     return make_split(split, count, cfg)
+
+
+CHECK_CLIPS = {"vae": 8, "unet": 4, "recognizer": 32, "frame_classifier": 16, "comdefend": 8, "raft": 4}
+
+
+def check_metrics(component: str, module, world: WorldConfig | None = None, weights_dir=None) -> dict:
+    """The metric of ``component`` on the first few test clips: recorded in its model card at
+    training time and recomputed by the tests, so shipped weights prove they are the ones
+    that were measured."""
+    from ..models.diffusion import VAEDecoder, VAEEncoder
+    from . import models as mw
+
+    n = CHECK_CLIPS[component]
+    clips, labels = make_split("test", n, world)
+    if component == "vae":
+        enc, dec = VAEEncoder(module).eval(), VAEDecoder(module).eval()
+        value = reconstruction_psnr(lambda x: dec(enc(x)), clips)
+    elif component == "unet":
+        value = unet_loss(module, VAEEncoder(mw.load("vae", weights_dir)).eval(), clips)
+    elif component == "recognizer":
+        value = recognizer_accuracy(module, clips, labels)
+    elif component == "frame_classifier":
+        value = frame_accuracy(module, clips, labels)
+    elif component == "comdefend":
+        value = reconstruction_psnr(module, clips)
+    else:
+        value = raft_epe(module, *flow_pairs("test", n, world))
+    return {"test_clips": n, "value": round(float(value), 6)}

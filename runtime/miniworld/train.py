@@ -278,7 +278,7 @@ def train(cfg: TrainConfig, world: WorldConfig | None = None, weights_dir: str |
             "train_seconds": round(time.perf_counter() - t0, 1),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__, "parameters": sum(p.numel() for p in module.parameters()),
-            "metrics": metrics}
+            "metrics": metrics, "check": evaluate.check_metrics(cfg.component, module, world, weights_dir)}
     mw.save(cfg.component, module, card, weights_dir=weights_dir)
     log.info("%s: %s", cfg.component, metrics)
     return card
