@@ -129,6 +129,18 @@ class VideoPure:
         return decode_frames(self.decoder, z, self.config.decode_batch_frames)
 
     @torch.inference_mode()
+    def purified_members(self, clip: torch.Tensor) -> list[torch.Tensor]:
+        """The M purified clips (each (B, 3, T, H, W)) the recogniser votes over (BPDA uses them)."""
+        check_clip(clip, self.latent_factor)
+        cfg = self.config
+        flow = self.flow_provider(clip, input_range=cfg.flow_range)
+        z0 = self.encoder(clip)
+        flow = downsample_flow(flow, tuple(z0.shape[-2:]))
+        members = purify_latents(self.eps_fn, z0, flow, cfg)
+        frames = self.decode_members(members)
+        return list(frames.reshape(len(members), clip.shape[0], *frames.shape[1:]).unbind(0))
+
+    @torch.inference_mode()
     def __call__(self, clip: torch.Tensor, keep_frames: bool = False) -> DefenceResult:
         check_clip(clip, self.latent_factor)
         cfg = self.config

@@ -56,6 +56,8 @@ class FullGradOracle:
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = member_logits(self.vp, x, use_checkpoint=self.use_checkpoint,
                                differentiable_flow=self.differentiable_flow)
+        if self.vp.config.voting == "off":  # the defence answers with the last member alone
+            logits = logits[-1:]
         return torch.stack([clip_loss(lg, labels) for lg in logits]).mean(0)
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor):

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("vpure.export.cli", "export components to ONNX artefacts (fp32/fp16/int8) with sidecars"),
     "run": ("vpure.runtime.cli.run", "run the Shield over a video file, frame folder or stream (JSON lines)"),
     "bench": ("vpure.runtime.cli.bench", "end-to-end latency per stage vs the released-code reference (CSV + PNG)"),
+    "eval": ("vpure.runtime.cli.eval", "robustness evaluation: defences x attacks, cached per clip, paper tables"),
     "demo": ("vpure.runtime.cli.demo", "attack a mini-world clip and watch the Shield defend it (PNG strip)"),
     "train": ("vpure.runtime.cli.train", "train the mini-world networks on CPU (weights + model cards)"),
 }
