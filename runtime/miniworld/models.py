@@ -37,8 +37,9 @@ UNET = dict(sample_size=8, in_channels=4, out_channels=4,
             cross_attention_dim=48, attention_head_dim=8)
 PROMPT_TOKENS = 4
 RECOGNIZER = dict(num_classes=NUM_CLASSES, blocks=(1, 1, 1, 1), inflate=((1,), (1,), (1,), (0,)),
-                  nonlocal_=((0,), (1,), (0,), (0,)), base_width=8, dropout=0.2)
-FRAME_CLASSIFIER = dict(num_classes=NUM_CLASSES, widths=(16, 32, 64), depths=(1, 1, 1), stem_width=16)
+                  nonlocal_=((0,), (1,), (0,), (0,)), base_width=8, dropout=0.2, stem_pool=False)
+FRAME_CLASSIFIER = dict(num_classes=NUM_CLASSES, widths=(16, 32, 64), depths=(1, 1, 1), stem_width=16,
+                        stem_pool=False)
 COMDEFEND = dict(com_widths=(16, 32, 32, 16), rec_widths=(16, 32, 32, 16))
 RAFT = dict(small=True, iters=8, corr_levels=3)
 
@@ -86,6 +87,20 @@ def default_config(component: str) -> dict[str, Any]:
     return json.loads(json.dumps(cfg))  # plain lists, as it is stored
 
 
+SUMMARIES = {
+    "vae": "AutoencoderKL with SD's latent contract: 4 latent channels, 8x downsampling, latents scaled "
+           "by the measured scaling factor to unit variance.",
+    "unet": "diffusers UNet3DConditionModel predicting epsilon on the scaled-linear 1000-step schedule, "
+            "conditioned on a fixed (baked) prompt embedding; trained on the VAE's latents.",
+    "recognizer": "I3D-family inflated 3D ResNet (one non-local block) classifying 16-frame clips into "
+                  "the 5 silhouette classes.",
+    "frame_classifier": "ResNet-style per-frame classifier for the detection gate's exception index.",
+    "comdefend": "ComDefend (ComCNN + RecCNN), the light spatial defence for dense attacks.",
+    "raft": "RAFT-small with 3 correlation levels (64-pixel frames), 8 iterations, trained on the "
+            "dataset's exact flows with RAFT's sequence loss.",
+}
+
+
 def weights_path(component: str, weights_dir: str | Path | None = None) -> Path:
     return Path(weights_dir or WEIGHTS_DIR) / f"{component}.safetensors"
 
@@ -106,12 +121,23 @@ def save(component: str, module: torch.nn.Module, card: dict[str, Any], config: 
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(path)
+    path.chmod(0o644)  # package data: readable by whoever installs it
     path.with_suffix(".md").write_text(card_markdown(component, card))
     return path
 
 
+def refresh_card(component: str, changes: dict[str, Any], weights_dir: str | Path | None = None) -> dict[str, Any]:
+    """Rewrite a weights file's card (same tensors, same architecture) with ``changes`` merged in."""
+    from ..checkpoint import read_state_dict
+
+    card = read_card(component, weights_dir) | changes
+    _, cfg = read_state_dict(weights_path(component, weights_dir))
+    save(component, load(component, weights_dir), card, config=cfg or None, weights_dir=weights_dir)
+    return card
+
+
 def card_markdown(component: str, card: dict[str, Any]) -> str:
-    lines = [f"# mini-world {component}", "", card.get("summary", ""), "",
+    lines = [f"# mini-world {component}", "", SUMMARIES.get(component, ""), "",
              f"- training command: `{card.get('command', '?')}`",
              f"- data: mini-world seed {card.get('data_seed')}, {card.get('train_clips')} training clips "
              f"({card.get('frames')} frames at {card.get('size')}x{card.get('size')})",

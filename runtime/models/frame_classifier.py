@@ -39,7 +39,7 @@ class FrameClassifier(nn.Module):
     """frames (B, 3, T, H, W) in [0, 1] -> per-frame logits (B, T, num_classes)."""
 
     def __init__(self, num_classes: int, widths=(64, 128, 256, 512), depths=(2, 2, 2, 2),
-                 stem_width: int = 64, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 stem_width: int = 64, mean=IMAGENET_MEAN, std=IMAGENET_STD, stem_pool: bool = True):
         super().__init__()
         self.num_classes = num_classes
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -47,7 +47,9 @@ class FrameClassifier(nn.Module):
         self.conv1 = nn.Conv2d(3, stem_width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        # ResNet's stem max-pool; small inputs (the mini-world's 64 px) keep their resolution without it.
+        self.stem_pool = stem_pool
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if stem_pool else nn.Identity()
         cin = stem_width
         for i, (w, d) in enumerate(zip(widths, depths)):
             blocks = [BasicBlock(cin if j == 0 else w, w, (1 if i == 0 else 2) if j == 0 else 1) for j in range(d)]
@@ -82,7 +84,8 @@ def load_frame_classifier(path, **overrides) -> FrameClassifier:
 def frame_classifier_config(model: FrameClassifier) -> dict:
     layers = [getattr(model, f"layer{i + 1}") for i in range(model.n_layers)]
     return {"num_classes": model.num_classes, "widths": [layer[0].conv1.out_channels for layer in layers],
-            "depths": [len(layer) for layer in layers], "stem_width": model.conv1.out_channels}
+            "depths": [len(layer) for layer in layers], "stem_width": model.conv1.out_channels,
+            "stem_pool": model.stem_pool}
 
 
 def tiny_frame_classifier() -> FrameClassifier:

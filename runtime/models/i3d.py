@@ -80,7 +80,7 @@ class I3DResNet(nn.Module):
 
     def __init__(self, num_classes: int = 400, blocks: Sequence[int] = R50_BLOCKS,
                  inflate: Sequence[Sequence[int]] = R50_INFLATE, nonlocal_: Sequence[Sequence[int]] | None = NL5_R50,
-                 base_width: int = 64, dropout: float = 0.5):
+                 base_width: int = 64, dropout: float = 0.5, stem_pool: bool = True):
         super().__init__()
         if len(inflate) != len(blocks) or any(len(f) != n for f, n in zip(inflate, blocks)):
             raise ValueError("inflate pattern must give one flag per block of every stage")
@@ -90,7 +90,8 @@ class I3DResNet(nn.Module):
         self.first_stage = nn.Sequential(
             nn.Conv3d(3, base_width, (5, 7, 7), stride=(2, 2, 2), padding=(2, 3, 3), bias=False),
             nn.BatchNorm3d(base_width), nn.ReLU(inplace=False),
-            nn.MaxPool3d((1, 3, 3), stride=(2, 2, 2), padding=(0, 1, 1)))
+            # The stem's max-pool; small inputs (the mini-world's 64 px) keep their resolution without it.
+            nn.MaxPool3d((1, 3, 3), stride=(2, 2, 2), padding=(0, 1, 1)) if stem_pool else nn.Identity())
         self.pool2 = nn.MaxPool3d((2, 1, 1), stride=(2, 1, 1))
         stages, cin = [], base_width
         for i, n in enumerate(blocks):
