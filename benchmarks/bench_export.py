@@ -82,7 +82,6 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger().setLevel(logging.ERROR)
-    torch.set_num_threads(torch.get_num_threads())
     for preset in args.presets.split(","):
         bench_preset(preset.strip(), args.engines, args.precisions.split(","), args.csv, args.calib_count)
 

@@ -10,10 +10,7 @@ from vpure.runtime.video import read_frames
 
 def load_clip(name: str = "vtest.avi", frames: int = 32, size: int = 224, start: int = 0) -> np.ndarray:
     """(frames, size, size, 3) uint8 RGB."""
-    data = read_environment().data_dir
-    if data is None or not (data / name).is_file():
-        raise SystemExit(f"footage {name} not found: set VPURE_DATA to the shared data folder")
-    return read_frames(data / name, frames, size, start)
+    return read_frames(data_path(name), frames, size, start)
 
 
 def data_path(name: str):

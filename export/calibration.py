@@ -35,28 +35,32 @@ LATENT_ROLES = (Role.EPS, Role.VAE_DECODER)
 
 def _clip_windows(folder: Path, frames: int, size: int, count: int, skip: int = 0) -> Iterator[torch.Tensor]:
     """Up to ``count`` clips (3, frames, size, size) in [0, 1] from the videos in ``folder``,
-    after the first ``skip`` windows (held-out parity samples skip the calibration ones)."""
-    from vpure.runtime.video import read_frames
+    after the first ``skip`` windows (held-out parity samples skip the calibration ones).
+    Each video is decoded once, front to back (centre crop, area resize)."""
+    from vpure.runtime.stream import StreamConfig
+    from vpure.runtime.stream import frames as decode
 
     videos = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES) if folder.is_dir() else []
     if not videos:
         raise ArtifactError(f"calibration folder {folder} holds no video files ({', '.join(VIDEO_SUFFIXES)})")
     made = seen = 0
+    cfg = StreamConfig(size=size)
     for video in videos:
-        start = 0
-        while made < count:
-            try:
-                arr = read_frames(video, frames, size, start=start)
-            except InputError:
-                break  # this video is exhausted (or unreadable): go on with the next one
-            start += frames
-            seen += 1
-            if seen <= skip:
-                continue
-            yield torch.from_numpy(arr).permute(3, 0, 1, 2).float().div_(255.0)
-            made += 1
-        if made >= count:
-            return
+        window: list[np.ndarray] = []
+        try:
+            for f in decode(video, cfg):
+                window.append(f.rgb)
+                if len(window) < frames:
+                    continue
+                seen += 1
+                if seen > skip:
+                    yield torch.from_numpy(np.stack(window)).permute(3, 0, 1, 2).float().div_(255.0)
+                    made += 1
+                    if made >= count:
+                        return
+                window = []
+        except InputError:
+            continue  # an unreadable video: go on with the next one
     if made == 0:
         raise ArtifactError(f"no {frames}-frame window could be decoded from the videos in {folder}")
 

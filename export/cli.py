@@ -34,8 +34,7 @@ def _miniworld(names: list[str]) -> tuple[list, dict]:
     from vpure.runtime.runner import REGISTRY_NAMES
 
     world = load_world()
-    by_name = {reg: getattr(world, {"encoder": "encoder", "decoder": "decoder"}.get(f, f))
-               for f, reg in REGISTRY_NAMES.items()}
+    by_name = {reg: getattr(world, f) for f, reg in REGISTRY_NAMES.items()}
     wanted = [n for n in names if n in by_name]
     for n in names:
         if n not in by_name:

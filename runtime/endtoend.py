@@ -95,15 +95,13 @@ def _low_precision_parity(out, ref) -> str:
 def _ort_wrap(name: str, comp: str, module, precision: str, engines_dir: Path) -> Callable:
     from vpure.export import export_component  # benchmarks may export; the runtime proper never does
 
-    from .backends import create_backend
+    from .backends import as_module_call, create_backend
     from .runconfig import ComponentChoice
 
     spec = presets.component_spec(name, comp)
     export_component(spec, module, engines_dir, precision, source=f"{name} random-init")
-    backend = create_backend(spec, ComponentChoice(backend="onnxruntime", precision=precision),
-                             engines_dir=engines_dir)
-    names, out = spec.input_names, spec.output_names[0]
-    return lambda *args: backend(**dict(zip(names, args)))[out]
+    return as_module_call(create_backend(spec, ComponentChoice(backend="onnxruntime", precision=precision),
+                                         engines_dir=engines_dir))
 
 
 def cases_for(name: str, m, backends: list[str], precisions: list[str], device: str, engines_dir: Path):

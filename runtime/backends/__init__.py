@@ -58,4 +58,16 @@ def backend_from_config(config, name: str, *, module: Any = None, reuse_outputs:
                           engines_dir=config.engines_dir, reuse_outputs=reuse_outputs)
 
 
-__all__ = ["Backend", "backend_from_config", "backend_names", "create_backend", "register_backend"]
+def as_module_call(backend: Backend):
+    """``backend`` with its torch module's positional call signature: ``f(*inputs) -> first output``
+    (so a backend drops in wherever the module was used)."""
+    names, out = backend.spec.input_names, backend.spec.output_names[0]
+
+    def call(*args):
+        return backend(**dict(zip(names, args)))[out]
+
+    call.backend = backend  # type: ignore[attr-defined]
+    return call
+
+
+__all__ = ["as_module_call", "Backend", "backend_from_config", "backend_names", "create_backend", "register_backend"]

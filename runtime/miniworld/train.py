@@ -115,11 +115,15 @@ def fit(params, cfg: TrainConfig, loss_fn: Callable[[torch.Generator], torch.Ten
     return losses
 
 
-def _frames(clips_u8: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
-    """``n`` random frames (n, 3, H, W) in [0, 1] from random clips."""
+def _frames_of(clips_u8: torch.Tensor, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random frames (n, 3, H, W) in [0, 1] from random clips, and those clips' indices."""
     ci = torch.randint(0, clips_u8.shape[0], (n,), generator=g)
     ti = torch.randint(0, clips_u8.shape[2], (n,), generator=g)
-    return clips_u8[ci, :, ti].float() / 255
+    return clips_u8[ci, :, ti].float() / 255, ci
+
+
+def _frames(clips_u8: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    return _frames_of(clips_u8, n, g)[0]
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -222,9 +226,8 @@ def train_frame_classifier(cfg, world, data, test, weights_dir, progress):
     model = mw.build("frame_classifier").train()
 
     def loss_fn(g):
-        ci = torch.randint(0, clips.shape[0], (cfg.batch,), generator=g)
-        ti = torch.randint(0, clips.shape[2], (cfg.batch,), generator=g)
-        x = augment(clips[ci, :, ti].float() / 255, g)[:, :, None]  # (B, 3, 1, H, W)
+        frames, ci = _frames_of(clips, cfg.batch, g)
+        x = augment(frames, g)[:, :, None]  # (B, 3, 1, H, W)
         return F.cross_entropy(model(x)[:, 0], labels[ci], label_smoothing=0.05)
 
     losses = fit(model.parameters(), cfg, loss_fn, "frame_classifier", progress)
