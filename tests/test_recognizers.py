@@ -134,6 +134,53 @@ def test_deflated_i3d_frame_classifier_is_exact_on_static_frames():
     assert len(Detector(fc)(torch.rand(1, 3, 6, 64, 64)).route) == 1
 
 
+def test_basic_block_i3d_inflates_a_2d_resnet_and_deflates_back_exactly(tmp_path):
+    from vpure.runtime.models.deflate import DeflatedI3DFrameClassifier
+    from vpure.runtime.models.frame_classifier import FrameClassifier
+    from vpure.runtime.models.i3d import I3DResNet, inflate_from_2d
+
+    torch.manual_seed(0)
+    fc = FrameClassifier(5, widths=(8, 16), depths=(1, 2), stem_width=8, stem_pool=False).eval()
+    for m in fc.modules():  # non-trivial batch-norm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
+    i3d = I3DResNet(5, block="basic", blocks=(1, 2), inflate=((1,), (1, 0)), nonlocal_=((0,), (1, 0)),
+                    base_width=8, stem_pool=False)
+    inflate_from_2d(i3d, fc).eval()
+    assert i3d.res_layers[1][0].conv1.weight.shape[2:] == (3, 3, 3)
+    x = torch.rand(2, 3, 4, 32, 32)
+    with torch.inference_mode():
+        # kernels repeated over time / taps: summed back over time they are the 2D kernels
+        assert torch.allclose(DeflatedI3DFrameClassifier(i3d)(x), fc(x), atol=1e-5)
+        # a static clip, away from the temporal borders, sees the 2D stem
+        static = x[:, :, :1].expand(2, 3, 9, 32, 32)
+        stem2d = fc.bn1(fc.conv1(x[:, :, 0]))
+        assert torch.allclose(i3d.first_stage[1](i3d.first_stage[0](static))[:, :, 2], stem2d, atol=1e-5)
+        # the non-local block starts as the identity (zero-init batch-norm scale)
+        nl = i3d.res_layers[1][0].nonlocal_block
+        feat = torch.rand(1, 16, 2, 4, 4)
+        assert torch.equal(nl(feat), feat)
+    torch.save(i3d.state_dict(), tmp_path / "basic.pth")  # layout read back from the keys
+    loaded = load_i3d(tmp_path / "basic.pth", stem_pool=False)  # the one thing keys cannot tell
+    assert loaded.block == "basic"
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), i3d(x))
+    centre = inflate_from_2d(I3DResNet(5, block="basic", blocks=(1, 2), inflate=((1,), (1, 0)),
+                                       nonlocal_=((0,), (1, 0)), base_width=8, stem_pool=False), fc, "centre").eval()
+    with torch.inference_mode():
+        assert torch.allclose(DeflatedI3DFrameClassifier(centre)(x), fc(x), atol=1e-5)
+        # centre taps: every (strided) time step is the 2D stem on its own frame, borders included
+        moving = torch.rand(2, 3, 6, 32, 32)
+        got = centre.first_stage[0](moving)  # temporal stride 2: frames 0, 2, 4
+        for k in range(3):
+            assert torch.allclose(got[:, :, k], fc.conv1(moving[:, :, 2 * k]), atol=1e-5)
+    with pytest.raises(ValueError, match="mean or centre"):
+        inflate_from_2d(i3d, fc, "edge")
+    with pytest.raises(ValueError, match="stages do not match"):
+        inflate_from_2d(I3DResNet(5, block="basic", blocks=(1, 1), inflate=((1,), (1,)), nonlocal_=None,
+                                  base_width=8), fc)
+
+
 @pytest.mark.parametrize("name", ["slowfast_r50", "videomae", "i3d_nl5_r50"])
 def test_recognizer_batch_invariance(name):
     spec = registry.get(name)

@@ -36,10 +36,12 @@ UNET = dict(sample_size=8, in_channels=4, out_channels=4,
             block_out_channels=(48, 96, 96), layers_per_block=1, norm_num_groups=16,
             cross_attention_dim=48, attention_head_dim=8)
 PROMPT_TOKENS = 4
-RECOGNIZER = dict(num_classes=NUM_CLASSES, blocks=(1, 1, 1, 1), inflate=((1,), (1,), (1,), (0,)),
-                  nonlocal_=((0,), (1,), (0,), (0,)), base_width=8, dropout=0.2, stem_pool=False)
 FRAME_CLASSIFIER = dict(num_classes=NUM_CLASSES, widths=(16, 32, 64), depths=(1, 1, 1), stem_width=16,
                         stem_pool=False)
+# The frame classifier inflated (I3D's bootstrap from a trained 2D network): same widths and
+# depths in basic blocks, every block's first conv 3x3x3, one non-local block after stage 2.
+RECOGNIZER = dict(num_classes=NUM_CLASSES, block="basic", blocks=(1, 1, 1), inflate=((1,), (1,), (1,)),
+                  nonlocal_=((0,), (1,), (0,)), base_width=16, dropout=0.2, stem_pool=False)
 COMDEFEND = dict(com_widths=(16, 32, 32, 16), rec_widths=(16, 32, 32, 16))
 RAFT = dict(small=True, iters=8, corr_levels=3)
 
@@ -92,8 +94,8 @@ SUMMARIES = {
            "by the measured scaling factor to unit variance.",
     "unet": "diffusers UNet3DConditionModel predicting epsilon on the scaled-linear 1000-step schedule, "
             "conditioned on a fixed (baked) prompt embedding; trained on the VAE's latents.",
-    "recognizer": "I3D-family inflated 3D ResNet (one non-local block) classifying 16-frame clips into "
-                  "the 5 silhouette classes.",
+    "recognizer": "I3D-family 3D ResNet (basic blocks, one non-local block) classifying 16-frame clips into "
+                  "the 5 silhouette classes; inflated from the trained frame classifier, then trained on clips.",
     "frame_classifier": "ResNet-style per-frame classifier for the detection gate's exception index.",
     "comdefend": "ComDefend (ComCNN + RecCNN), the light spatial defence for dense attacks.",
     "raft": "RAFT-small with 3 correlation levels (64-pixel frames), 8 iterations, trained on the "

@@ -37,7 +37,9 @@ class _Block2D(nn.Module):
         super().__init__()
         self.conv1, self.bn1 = _conv2d_from_3d(block.conv1), _bn2d_from_3d(block.bn1)
         self.conv2, self.bn2 = _conv2d_from_3d(block.conv2), _bn2d_from_3d(block.bn2)
-        self.conv3, self.bn3 = _conv2d_from_3d(block.conv3), _bn2d_from_3d(block.bn3)
+        self.bottleneck = hasattr(block, "conv3")  # else a basic (ResNet-18/34) block
+        if self.bottleneck:
+            self.conv3, self.bn3 = _conv2d_from_3d(block.conv3), _bn2d_from_3d(block.bn3)
         self.downsample = None
         if block.downsample is not None:
             self.downsample = nn.Sequential(_conv2d_from_3d(block.downsample[0]), _bn2d_from_3d(block.downsample[1]))
@@ -46,6 +48,8 @@ class _Block2D(nn.Module):
     def forward(self, x):
         idt = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
+        if not self.bottleneck:
+            return self.relu(self.bn2(self.conv2(out)) + idt)
         out = self.relu(self.bn2(self.conv2(out)))
         return self.relu(self.bn3(self.conv3(out)) + idt)
 
@@ -58,8 +62,8 @@ class DeflatedI3DFrameClassifier(nn.Module):
         self.register_buffer("mean", i3d.mean.view(1, 3, 1, 1).clone(), persistent=False)
         self.register_buffer("std", i3d.std.view(1, 3, 1, 1).clone(), persistent=False)
         stem = i3d.first_stage
-        self.stem = nn.Sequential(_conv2d_from_3d(stem[0]), _bn2d_from_3d(stem[1]), nn.ReLU(),
-                                  nn.MaxPool2d(3, stride=2, padding=1))
+        pool = nn.MaxPool2d(3, stride=2, padding=1) if isinstance(stem[3], nn.MaxPool3d) else nn.Identity()
+        self.stem = nn.Sequential(_conv2d_from_3d(stem[0]), _bn2d_from_3d(stem[1]), nn.ReLU(), pool)
         self.stages = nn.Sequential(*[nn.Sequential(*[_Block2D(b) for b in layer]) for layer in i3d.res_layers])
         self.fc = nn.Linear(i3d.fc.in_features, i3d.fc.out_features)
         self.fc.load_state_dict(i3d.fc.state_dict())
