@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -83,6 +84,21 @@ def test_training_is_reproducible_from_its_seed(tmp_path, monkeypatch):
     train(cfg, weights_dir=tmp_path / "b", progress=False)
     a, b = mw.load("frame_classifier", tmp_path / "a"), mw.load("frame_classifier", tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_resumed_training_starts_from_the_folder_and_records_the_chain(tmp_path, monkeypatch):
+    monkeypatch.setenv("VPURE_CACHE", str(tmp_path / "cache"))
+    cfg = BUDGETS["comdefend"].replace(steps=2, batch=2, train_clips=3, eval_clips=2, warmup=1)
+    train(cfg, weights_dir=tmp_path, progress=False)
+    first = mw.load("comdefend", tmp_path).state_dict()
+    digest = hashlib.sha256(mw.weights_path("comdefend", tmp_path).read_bytes()).hexdigest()
+    card = train(cfg.replace(resume=True, steps=1, crop=32), weights_dir=tmp_path, progress=False)
+    assert card["resumed_from"]["sha256"] == digest and card["resumed_from"]["steps"] == 2 and card["crop"] == 32
+    assert "resumed from weights sha256 " + digest[:16] in mw.weights_path("comdefend", tmp_path).with_suffix(".md").read_text()
+    after = mw.load("comdefend", tmp_path).state_dict()
+    # one small step from the first run's weights, not a fresh init
+    assert any(not torch.equal(first[k], after[k]) for k in first)
+    assert max((first[k].float() - after[k].float()).abs().max() for k in first) < 0.05
 
 
 def test_missing_weights_are_named():

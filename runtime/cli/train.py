@@ -15,6 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="override the component's step budget")
     p.add_argument("--train-clips", type=int, default=None, help="override the number of training clips")
     p.add_argument("--eval-clips", type=int, default=None, help="override the number of test clips measured")
+    p.add_argument("--batch", type=int, default=None, help="override the batch size")
+    p.add_argument("--lr", type=float, default=None, help="override the peak learning rate")
+    p.add_argument("--crop", type=int, default=None, help="vae/comdefend: train on random crops of this size")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the weights in the folder (the card records the chain of runs)")
     p.add_argument("--seed", type=int, default=0, help="training seed (the data seed is the world's)")
     p.add_argument("--world-seed", type=int, default=0, help="mini-world dataset seed")
 
@@ -30,7 +35,10 @@ def run(args: argparse.Namespace) -> int:
     names = ORDER if args.component == "all" else (args.component,)
     for name in names:
         changes = {k: v for k, v in (("steps", args.steps), ("train_clips", args.train_clips),
-                                     ("eval_clips", args.eval_clips)) if v is not None}
+                                     ("eval_clips", args.eval_clips), ("batch", args.batch), ("lr", args.lr),
+                                     ("crop", args.crop)) if v is not None}
+        if args.resume:
+            changes["resume"] = True
         cfg = BUDGETS[name].replace(seed=args.seed, **changes)
         command = "vpure train " + " ".join(a for a in sys.argv[2:] if a) if len(sys.argv) > 2 else f"vpure train {name}"
         card = train(cfg, world, args.out, command=command.replace(" all", f" {name}") if args.component == "all"

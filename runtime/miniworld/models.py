@@ -145,7 +145,13 @@ def card_markdown(component: str, card: dict[str, Any]) -> str:
              f"({card.get('frames')} frames at {card.get('size')}x{card.get('size')})",
              f"- steps: {card.get('steps')}, batch {card.get('batch')}, seed {card.get('seed')}, "
              f"wall time {card.get('train_seconds', 0):.0f} s on {card.get('machine', '?')}",
-             f"- parameters: {card.get('parameters')}", "", "## Metrics (test split)", ""]
+             f"- parameters: {card.get('parameters')}"]
+    prev = card.get("resumed_from")
+    while prev:  # a resumed run: the runs before it, most recent first
+        lines.append(f"- resumed from weights sha256 {prev.get('sha256', '?')[:16]}, trained by "
+                     f"`{prev.get('command', '?')}` ({prev.get('steps')} steps; metrics {prev.get('metrics')})")
+        prev = prev.get("resumed_from")
+    lines += ["", "## Metrics (test split)", ""]
     lines += [f"- {k}: {v}" for k, v in card.get("metrics", {}).items()]
     return "\n".join(lines) + "\n"
 

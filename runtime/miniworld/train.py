@@ -46,12 +46,16 @@ class TrainConfig(ConfigBase):
     warmup: int = 50
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
+    resume: bool = False  # start from the weights already in the folder (recorded in the card)
+    crop: int = 0  # VAE and ComDefend: train on random square crops of this size (0: whole frames)
 
     def validate(self) -> None:
         check(self.component in mw.COMPONENTS, f"TrainConfig.component {self.component!r} is not one of {mw.COMPONENTS}")
         check(self.steps >= 1 and self.batch >= 1, "TrainConfig.steps and batch must be >= 1")
         check(self.lr > 0, f"TrainConfig.lr must be > 0, got {self.lr}")
         check(self.train_clips >= 1 and self.eval_clips >= 1, "TrainConfig.train_clips and eval_clips must be >= 1")
+        check(self.crop == 0 or (self.crop >= 16 and self.crop % 8 == 0),
+              f"TrainConfig.crop must be 0 or a multiple of 8 >= 16, got {self.crop}")
 
 
 # Budgets measured on a 2-vCPU AMD EPYC (see each model card for the wall time).
@@ -142,6 +146,23 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _crop(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """A random ``size`` x ``size`` crop per sample of (B, C, H, W); ``size`` 0 keeps the frames."""
+    if not size or size >= x.shape[-1]:
+        return x
+    h, w = x.shape[-2:]
+    ys = torch.randint(0, h - size + 1, (x.shape[0],), generator=g).tolist()
+    xs = torch.randint(0, w - size + 1, (x.shape[0],), generator=g).tolist()
+    return torch.stack([xi[..., y:y + size, x0:x0 + size] for xi, y, x0 in zip(x, ys, xs)])
+
+
+def _start(component: str, cfg: TrainConfig, weights_dir, fresh: Callable[[], torch.nn.Module] | None = None):
+    """The module to train (train mode): the folder's weights when resuming, else ``fresh()``
+    (default: the mini-world architecture, random init)."""
+    module = mw.load(component, weights_dir) if cfg.resume else (fresh or (lambda: mw.build(component)))()
+    return module.train()
+
+
 def _clips(clips_u8, labels, n, g):
     i = torch.randint(0, clips_u8.shape[0], (n,), generator=g)
     return clips_u8[i].float() / 255, labels[i]
@@ -153,10 +174,10 @@ def train_vae(cfg, world, data, test, weights_dir, progress):
     from ..models.diffusion import VAEDecoder, VAEEncoder
 
     clips, _ = data
-    vae = mw.build("vae").train()
+    vae = _start("vae", cfg, weights_dir)
 
     def loss_fn(g):
-        x = _frames(clips, cfg.batch, g) * 2 - 1
+        x = _crop(_frames(clips, cfg.batch, g), cfg.crop, g) * 2 - 1
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
@@ -182,10 +203,13 @@ def train_unet(cfg, world, data, test, weights_dir, progress):
     with torch.inference_mode():  # latents once: the VAE is frozen
         latents = torch.cat([encoder(clips[i:i + 16].float() / 255) for i in bar(
             range(0, len(clips), 16), desc="encode latents", enable=progress)])
-    gen = torch.Generator().manual_seed(cfg.seed)
-    unet = mw.build("unet")
-    unet.prompt_embedding.copy_(torch.randn(unet.prompt_embedding.shape, generator=gen))  # the "empty prompt"
-    unet.train()
+    def fresh():
+        unet = mw.build("unet")
+        gen = torch.Generator().manual_seed(cfg.seed)
+        unet.prompt_embedding.copy_(torch.randn(unet.prompt_embedding.shape, generator=gen))  # the "empty prompt"
+        return unet
+
+    unet = _start("unet", cfg, weights_dir, fresh)
     abar = schedule.alphas_cumprod().float()
 
     def loss_fn(g):
@@ -218,7 +242,8 @@ def train_recognizer(cfg, world, data, test, weights_dir, progress):
     # inflation starts at the frame classifier's clip accuracy (93% on the test split); I3D's
     # mean inflation started at 69% (zero temporal padding at 4-8 time steps) and reached only
     # 83% after 600 steps.
-    model = inflate_from_2d(mw.build("recognizer"), mw.load("frame_classifier", weights_dir), "centre").train()
+    model = _start("recognizer", cfg, weights_dir, lambda: inflate_from_2d(
+        mw.build("recognizer"), mw.load("frame_classifier", weights_dir), "centre"))
 
     def loss_fn(g):
         x, y = _clips(clips, labels, cfg.batch, g)
@@ -232,7 +257,7 @@ def train_recognizer(cfg, world, data, test, weights_dir, progress):
 
 def train_frame_classifier(cfg, world, data, test, weights_dir, progress):
     clips, labels = data
-    model = mw.build("frame_classifier").train()
+    model = _start("frame_classifier", cfg, weights_dir)
 
     def loss_fn(g):
         frames, ci = _frames_of(clips, cfg.batch, g)
@@ -247,10 +272,10 @@ def train_frame_classifier(cfg, world, data, test, weights_dir, progress):
 
 def train_comdefend(cfg, world, data, test, weights_dir, progress):
     clips, _ = data
-    model = mw.build("comdefend").train()
+    model = _start("comdefend", cfg, weights_dir)
 
     def loss_fn(g):
-        x = _frames(clips, cfg.batch, g)
+        x = _crop(_frames(clips, cfg.batch, g), cfg.crop, g)
         code = model.encode(x)
         return F.mse_loss(model.decode(code), x) + 1e-4 * code.mean()
 
@@ -264,7 +289,7 @@ def train_raft(cfg, world, data, test, weights_dir, progress):
     pool = [make_clip("train", i, world) for i in bar(range(cfg.train_clips), desc="flow pairs", enable=progress)]
     frames = torch.stack([(s.clip * 255).round().to(torch.uint8) for s in pool])  # (N, 3, T, H, W)
     flows = torch.stack([s.flow.half() for s in pool])  # (N, T-1, 2, H, W)
-    model = mw.build("raft").train()
+    model = _start("raft", cfg, weights_dir)
 
     def loss_fn(g):
         ci = torch.randint(0, frames.shape[0], (cfg.batch,), generator=g)
@@ -296,6 +321,12 @@ def train(cfg: TrainConfig, world: WorldConfig | None = None, weights_dir: str |
     """Train ``cfg.component``, save weights and card into ``weights_dir``; returns the card."""
     world = world or WorldConfig()
     torch.manual_seed(cfg.seed)
+    resumed = None
+    if cfg.resume:  # the chain of runs that produced the weights, so they can be reproduced
+        prev = mw.read_card(cfg.component, weights_dir)
+        digest = hashlib.sha256(mw.weights_path(cfg.component, weights_dir).read_bytes()).hexdigest()
+        resumed = {"sha256": digest, "command": prev.get("command"), "steps": prev.get("steps"),
+                   "metrics": prev.get("metrics"), "resumed_from": prev.get("resumed_from")}
     t0 = time.perf_counter()
     data = train_data(cfg.train_clips, world)
     test = train_data(cfg.eval_clips, world, split="test")
@@ -303,7 +334,8 @@ def train(cfg: TrainConfig, world: WorldConfig | None = None, weights_dir: str |
     card = {"summary": mw.SUMMARIES[cfg.component],
             "command": command or f"vpure train {cfg.component}", "data_seed": world.seed,
             "train_clips": cfg.train_clips, "eval_clips": cfg.eval_clips, "frames": world.frames, "size": world.size,
-            "steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
+            "steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed, "crop": cfg.crop,
+            "resumed_from": resumed,
             "train_seconds": round(time.perf_counter() - t0, 1),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__, "parameters": sum(p.numel() for p in module.parameters()),
