@@ -98,7 +98,6 @@ def dis_epe(clips: torch.Tensor, flows: torch.Tensor, preset: str = "medium") ->
     return endpoint_error(torch.cat([dis(clips[i:i + 1]) for i in range(len(clips))]), flows)
 
 
-
 CHECK_CLIPS = {"vae": 8, "unet": 4, "recognizer": 32, "frame_classifier": 16, "comdefend": 8, "raft": 4}
 
 

@@ -203,6 +203,7 @@ def train_unet(cfg, world, data, test, weights_dir, progress):
     with torch.inference_mode():  # latents once: the VAE is frozen
         latents = torch.cat([encoder(clips[i:i + 16].float() / 255) for i in bar(
             range(0, len(clips), 16), desc="encode latents", enable=progress)])
+
     def fresh():
         unet = mw.build("unet")
         gen = torch.Generator().manual_seed(cfg.seed)

@@ -12,9 +12,10 @@ ImageNet normalisation is inside the module.
 
 ``block="basic"`` gives the ResNet-18/34 members of the family (GluonCV's
 ``i3d_resnet18_v1``): two-conv blocks whose first conv is 3x3x3 where inflated (else
-1x3x3). ``inflate_from_2d`` is I3D's bootstrap: a trained 2D ResNet's kernels repeated
-over time and divided by the temporal extent, so the inflated network applied to a static
-clip reproduces the 2D network's features before it is fine-tuned on video.
+1x3x3). ``inflate_from_2d`` is I3D's bootstrap from a trained 2D ResNet: its kernels
+repeated over time and divided by the temporal extent (I3D's mean inflation), or placed on
+the centre tap, so the inflated network starts from the 2D network's features before it
+is fine-tuned on video.
 """
 
 from __future__ import annotations
@@ -191,12 +192,14 @@ def inflate_from_2d(model: I3DResNet, resnet2d: nn.Module, mode: str = "mean") -
         bn(model.first_stage[1], resnet2d.bn1)
         for stage3d, stage2d in zip(model.res_layers, stages):
             for b3, b2 in zip(stage3d, stage2d):
-                conv(b3.conv1, b2.conv1), bn(b3.bn1, b2.bn1)
-                conv(b3.conv2, b2.conv2), bn(b3.bn2, b2.bn2)
                 if (b3.downsample is None) != (b2.downsample is None):
                     raise ValueError("the 2D network's shortcuts do not match the I3D's")
+                pairs = [(b3.conv1, b2.conv1, b3.bn1, b2.bn1), (b3.conv2, b2.conv2, b3.bn2, b2.bn2)]
                 if b3.downsample is not None:
-                    conv(b3.downsample[0], b2.downsample[0]), bn(b3.downsample[1], b2.downsample[1])
+                    pairs.append((b3.downsample[0], b2.downsample[0], b3.downsample[1], b2.downsample[1]))
+                for c3, c2, n3, n2 in pairs:
+                    conv(c3, c2)
+                    bn(n3, n2)
         model.fc.load_state_dict(resnet2d.fc.state_dict())
     return model
 
