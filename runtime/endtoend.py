@@ -231,10 +231,14 @@ def stage_chart(path: Path, results_by_config: dict[str, list]) -> Path:
 
 
 def bench_clean_route(iters: int = 20, csv_path: str | Path | None = None, weights_dir: Path | None = None):
-    """The Shield's clean route against the recogniser alone, on the mini-world models."""
+    """The Shield's clean route against the recogniser alone, on the mini-world models: one
+    isolated clip, and a stream of windows of 16 every 8 frames as ``vpure run`` cuts them
+    (the frame classifier's logits of the 8 overlapping frames reused, :class:`CachedFrameLogits`)."""
     from .miniworld.dataset import make_clip
     from .miniworld.demo import build_shield
     from .miniworld.models import load_world
+    from .runner import CachedFrameLogits
+    from .shield import Shield
 
     world = load_world(weights_dir)
     shield, _ = build_shield(world, "dis")
@@ -242,6 +246,11 @@ def bench_clean_route(iters: int = 20, csv_path: str | Path | None = None, weigh
     clean = next((c for c in clips if shield.detector(c).route[0] == "clean"), None)
     if clean is None:
         raise ConfigError("none of the first 8 test clips takes the clean route")
+    frames = CachedFrameLogits(world.frame_classifier)
+    streaming = Shield(frames, world.recognizer, videopure=shield.videopure, comdefend=shield.comdefend,
+                       config=shield.config)
+    t, stride = clean.shape[2], clean.shape[2] // 2
+    window = {"k": 0}
 
     def alone(x=clean):
         with torch.inference_mode():
@@ -250,10 +259,17 @@ def bench_clean_route(iters: int = 20, csv_path: str | Path | None = None, weigh
     def gated(x=clean):
         return torch.tensor([shield(x)[0].label])
 
+    def streamed(x=clean):  # the next window: its first half was classified by the previous one
+        k = window["k"] = window["k"] + 1
+        frames.set_window(list(range(k * stride, k * stride + t)))
+        return torch.tensor([streaming(x)[0].label])
+
     def parity(out, ref):
         assert torch.equal(out, ref), "labels differ"
         return "same label"
 
     return benchmark.run("e2e-clean-route", "mini-world, 16x64x64, clean test clip",
-                         benchmark.Case("recogniser alone", alone), [benchmark.Case("Shield, clean route", gated, parity)],
+                         benchmark.Case("recogniser alone", alone),
+                         [benchmark.Case("Shield, clean route", gated, parity),
+                          benchmark.Case(f"Shield, clean route, stream (stride {stride})", streamed, parity)],
                          csv_path=csv_path, warmup=3, min_iters=iters, min_time_s=1.0)

@@ -8,8 +8,10 @@ Latency by design:
 - the window clip is one preallocated tensor rewritten in place;
 - clean clips cost the frame classifier and the recogniser only: flow, the VAE and the
   UNet are touched on the dense route alone;
-- optical flow is computed once per frame pair and reused by every overlapping window
-  (:class:`CachedFlow`), and VideoPure decodes its members in batches.
+- the frame classifier labels each frame once and optical flow is computed once per frame
+  pair; both are reused by every overlapping window (:class:`CachedFrameLogits`,
+  :class:`CachedFlow`), so with the default stride of half a window the gate costs half a
+  window of frame classifications per clip; VideoPure decodes its members in batches.
 
 Robustness: a clip whose processing fails (an engine error, a NaN) produces an error
 record and the run goes on; ``max_consecutive_failures`` failures in a row stop it with a
@@ -161,6 +163,50 @@ class CachedFlow:
         return out
 
 
+class CachedFrameLogits:
+    """A per-frame classifier that classifies each frame once across overlapping windows.
+
+    The gate's classifier labels every frame on its own (the detection spec), so a frame's
+    logits do not depend on the window it sits in: the runner names the window's global
+    frame ids (:meth:`set_window`), logits of frames already classified are reused and only
+    the new frames go through the network, in one call. The Detector may split a window
+    into consecutive chunks (``frames_per_call``); calls advance through the window's ids in
+    order. A call that does not fit the named window (batch > 1, more frames than are left)
+    is computed plainly. Only the current window's frames are kept.
+    """
+
+    def __init__(self, base: Callable):
+        self.base = base
+        self._cache: dict[int, torch.Tensor] = {}
+        self._ids: list[int] | None = None
+        self._cursor = 0
+        self.computed = self.reused = 0
+
+    def set_window(self, frame_ids: list[int]) -> None:
+        self._ids, self._cursor = list(frame_ids), 0
+        keep = set(self._ids)
+        for key in [k for k in self._cache if k not in keep]:
+            del self._cache[key]
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        b, _, t = frames.shape[:3]
+        if self._ids is None or b != 1 or self._cursor + t > len(self._ids):
+            return self.base(frames)
+        ids = self._ids[self._cursor:self._cursor + t]
+        self._cursor += t
+        missing = [i for i, f in enumerate(ids) if f not in self._cache]
+        self.reused += t - len(missing)
+        self.computed += len(missing)
+        if missing:
+            sub = frames if len(missing) == t else frames[:, :, missing]
+            logits = self.base(sub)
+            if logits.ndim != 3 or logits.shape[:2] != (1, len(missing)):
+                return logits  # not a per-frame classifier's output: the Detector names the problem
+            for k, i in enumerate(missing):
+                self._cache[ids[i]] = logits[0, k].clone()
+        return torch.stack([self._cache[f] for f in ids])[None]
+
+
 def build_shield(comps: Components, cfg: RunConfig):
     """(Shield, CachedFlow) over ``comps``."""
     from .defence import VideoPure
@@ -179,8 +225,8 @@ def build_shield(comps: Components, cfg: RunConfig):
         base = DISFlow("medium")
     flow = CachedFlow(base)
     vp = VideoPure(_eps_fn(comps.unet), comps.encoder, comps.decoder, comps.recognizer, flow, cfg.videopure)
-    shield = Shield(comps.frame_classifier, comps.recognizer, videopure=vp, comdefend=comps.comdefend,
-                    config=cfg.shield)
+    shield = Shield(CachedFrameLogits(comps.frame_classifier), comps.recognizer, videopure=vp,
+                    comdefend=comps.comdefend, config=cfg.shield)
     return shield, flow
 
 
@@ -200,6 +246,7 @@ class RunSummary:
     stopped: str = ""
     stream: dict[str, Any] = field(default_factory=dict)
     flow_pairs: dict[str, int] = field(default_factory=dict)
+    frame_labels: dict[str, int] = field(default_factory=dict)
 
     def percentile(self, q: float) -> float:
         v = sorted(self.latencies_ms)
@@ -213,7 +260,7 @@ class RunSummary:
         return {"clips": self.clips, "failed": self.failed, "routes": dict(self.routes),
                 "latency_ms": {f"p{q}": round(self.percentile(q), 2) for q in (50, 90, 99)},
                 "interrupted": self.interrupted, "stopped": self.stopped, "stream": self.stream,
-                "flow_pairs": self.flow_pairs}
+                "flow_pairs": self.flow_pairs, "frame_labels": self.frame_labels}
 
     def text(self) -> str:
         lat = self.to_dict()["latency_ms"]
@@ -233,10 +280,12 @@ class Runner:
         self.cfg = cfg
         self.components = components or load_components(cfg)
         self.shield, self.flow = build_shield(self.components, cfg)
+        self.frames = self.shield.detector.frame_classifier  # the CachedFrameLogits
 
     def process(self, clip: torch.Tensor, frame_ids: list[int]):
         """One window through the Shield -> its record (the Shield validates the clip)."""
         self.flow.set_window(frame_ids)
+        self.frames.set_window(frame_ids)
         return self.shield(clip)[0]
 
     def run(self, source: str | Path, out: TextIO, *, progress: bool | None = None,
@@ -295,6 +344,7 @@ class Runner:
             summary.stream = {"decoded": st.decoded, "kept": st.kept, "decode_errors": st.decode_errors,
                               "size_changes": st.size_changes, "ended_by": st.ended_by}
             summary.flow_pairs = {"computed": self.flow.computed, "reused": self.flow.reused}
+            summary.frame_labels = {"computed": self.frames.computed, "reused": self.frames.reused}
         return summary
 
 

@@ -13,7 +13,7 @@ import torch
 from vpure.runtime.detect import DetectionConfig
 from vpure.runtime.errors import InputError
 from vpure.runtime.flow import DISFlow
-from vpure.runtime.runner import CachedFlow, Components, Runner, RunConfig, load_components
+from vpure.runtime.runner import CachedFlow, CachedFrameLogits, Components, Runner, RunConfig, load_components
 from vpure.runtime.shield import ShieldConfig
 from vpure.runtime.stream import StreamConfig, Windows, Frame, window_count
 
@@ -62,6 +62,8 @@ def test_records_follow_the_windowing_arithmetic(name, step, data_dir, tiny_comp
         assert r["ms"]["total"] > 0 and "detect" in r["ms"] and any(k.endswith("recognize") for k in r["ms"])
     times = [r["start_time_s"] for r in records]
     assert times == sorted(times) and times[0] == 0.0
+    # each frame is classified once: a whole first window, then the stride's new frames
+    assert summary.frame_labels["computed"] == cfg.window + cfg.stride * (summary.clips - 1)
     assert summary.stream["decode_errors"] == 0 and summary.stream["ended_by"] == "end of input"
 
 
@@ -92,6 +94,36 @@ def test_cached_flow_equals_recomputation(data_dir):
         assert torch.equal(cached(clip), base(clip.clone()))
         n += 1
     assert n == window_count(20, 8, 3) and cached.reused > 0
+
+
+@pytest.mark.parametrize("frames_per_call", [0, 3])
+def test_cached_frame_logits_equal_recomputation(frames_per_call, data_dir, tiny_components):
+    from vpure.runtime.detect import Detector
+    from vpure.runtime.video import read_frames
+
+    arr = read_frames(data_dir / "vtest.avi", 20, 64)
+    base = tiny_components.frame_classifier
+    cached = CachedFrameLogits(base)
+    cfg = DetectionConfig(frames_per_call=frames_per_call)
+    plain, reusing = Detector(base, cfg), Detector(cached, cfg)
+    win = Windows(8, 3, 64)
+    n = 0
+    for i, rgb in enumerate(arr):
+        w = win.push(Frame(i, i / 25, rgb))
+        if w is None:
+            continue
+        ids, _, clip = w
+        cached.set_window(ids)
+        with torch.inference_mode():
+            a, b = cached(clip), base(clip.clone())
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        cached.set_window(ids)  # the same window again, now through the Detector (chunked or not)
+        assert torch.equal(reusing.frame_labels(clip), plain.frame_labels(clip.clone()))
+        n += 1
+    assert n == window_count(20, 8, 3)
+    assert cached.computed == 8 + 3 * (n - 1) and cached.reused > cached.computed  # each frame once
+    with torch.inference_mode():  # a batch of clips is not a window: computed plainly
+        assert cached(torch.cat([clip, clip])).shape[:2] == (2, 8)
 
 
 def test_truncated_video_keeps_what_decoded(tmp_path, data_dir, tiny_components):
@@ -200,3 +232,12 @@ def test_cli_run_writes_lines_and_summary(tmp_path, data_dir, capsys):
     assert len(lines) == window_count(120, 8, 8)
     summary = json.loads(capsys.readouterr().out)["summary"]
     assert summary["clips"] == len(lines) and summary["latency_ms"]["p50"] > 0
+
+
+def test_clean_route_benchmark_checks_labels_and_writes_its_rows(tmp_path):
+    from vpure.runtime.endtoend import bench_clean_route
+
+    rows = bench_clean_route(iters=1, csv_path=tmp_path / "r.csv")
+    assert [r.parity for r in rows[1:]] == ["same label", "same label"]
+    assert all(r.p50_ms > 0 for r in rows)
+    assert len((tmp_path / "r.csv").read_text().splitlines()) == 1 + len(rows)
