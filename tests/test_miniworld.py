@@ -101,6 +101,27 @@ def test_resumed_training_starts_from_the_folder_and_records_the_chain(tmp_path,
     assert max((first[k].float() - after[k].float()).abs().max() for k in first) < 0.05
 
 
+def test_object_masks_match_the_generator_and_weight_the_vae_loss(tmp_path, monkeypatch):
+    from vpure.runtime.miniworld.train import train_masks
+
+    monkeypatch.setenv("VPURE_CACHE", str(tmp_path / "cache"))
+    world = WorldConfig()
+    masks = train_masks(3, world)
+    assert masks.dtype == torch.bool and masks.shape == (3, world.frames, world.size, world.size)
+    assert all(torch.equal(masks[i], make_clip("train", i, world).mask) for i in range(3))
+    assert torch.equal(train_masks(3, world), masks)  # served from the cache
+    # masked PSNR sees only object pixels: a map that ruins the background keeps it infinite
+    clips, _ = make_split("train", 3, world)
+    ruin_background = lambda x: torch.where(masks[:, None], x, 1 - x)  # noqa: E731
+    assert evaluate.reconstruction_psnr(ruin_background, clips, batch=3, masks=masks) == float("inf")
+    assert evaluate.reconstruction_psnr(ruin_background, clips, batch=3) < 10
+    cfg = BUDGETS["vae"].replace(steps=2, batch=2, train_clips=3, eval_clips=2, warmup=1, object_weight=8.0, crop=32)
+    card = train(cfg, weights_dir=tmp_path / "w", progress=False)
+    assert card["object_weight"] == 8.0 and "vae_object_psnr_db" in card["metrics"]
+    with pytest.raises(Exception, match="object_weight"):
+        BUDGETS["vae"].replace(object_weight=-1.0)
+
+
 def test_missing_weights_are_named():
     from vpure.runtime.errors import CheckpointError
 

@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=None, help="override the batch size")
     p.add_argument("--lr", type=float, default=None, help="override the peak learning rate")
     p.add_argument("--crop", type=int, default=None, help="vae/comdefend: train on random crops of this size")
+    p.add_argument("--object-weight", type=float, default=None,
+                   help="vae: loss weight of object pixels relative to background (0: uniform)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the weights in the folder (the card records the chain of runs)")
     p.add_argument("--seed", type=int, default=0, help="training seed (the data seed is the world's)")
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         changes = {k: v for k, v in (("steps", args.steps), ("train_clips", args.train_clips),
                                      ("eval_clips", args.eval_clips), ("batch", args.batch), ("lr", args.lr),
-                                     ("crop", args.crop)) if v is not None}
+                                     ("crop", args.crop), ("object_weight", args.object_weight))
+                   if v is not None}
         if args.resume:
             changes["resume"] = True
         cfg = BUDGETS[name].replace(seed=args.seed, **changes)

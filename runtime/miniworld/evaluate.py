@@ -43,13 +43,18 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def reconstruction_psnr(fn, clips_u8: torch.Tensor, batch: int = 8) -> float:
-    """Mean PSNR (dB, peak 1) of ``fn(clip)`` against the clip, per clip, averaged."""
+def reconstruction_psnr(fn, clips_u8: torch.Tensor, batch: int = 8, masks: torch.Tensor | None = None) -> float:
+    """Mean PSNR (dB, peak 1) of ``fn(clip)`` against the clip, per clip, averaged; with
+    ``masks`` (N, T, H, W) bool, over the masked (object) pixels only."""
     vals = []
     for s in _batches(len(clips_u8), batch):
         x = clips_u8[s].float() / 255
         y = fn(x)
-        vals += [psnr(y[i], x[i]) for i in range(len(x))]
+        if masks is None:
+            vals += [psnr(y[i], x[i]) for i in range(len(x))]
+        else:
+            m = masks[s][:, None].expand_as(x)
+            vals += [psnr(y[i][m[i]], x[i][m[i]]) for i in range(len(x))]
     return sum(vals) / len(vals)
 
 
