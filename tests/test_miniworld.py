@@ -122,6 +122,27 @@ def test_object_masks_match_the_generator_and_weight_the_vae_loss(tmp_path, monk
         BUDGETS["vae"].replace(object_weight=-1.0)
 
 
+def test_decoder_only_vae_run_keeps_the_latents_and_uses_the_frame_classifier(tmp_path, monkeypatch):
+    monkeypatch.setenv("VPURE_CACHE", str(tmp_path / "cache"))
+    small = dict(steps=2, batch=2, train_clips=3, eval_clips=2, warmup=1)
+    with pytest.raises(Exception, match="frame_classifier"):  # the perceptual critic must exist
+        train(BUDGETS["vae"].replace(feature_weight=0.1, **small), weights_dir=tmp_path, progress=False)
+    train(BUDGETS["frame_classifier"].replace(**small), weights_dir=tmp_path, progress=False)
+    train(BUDGETS["vae"].replace(**small), weights_dir=tmp_path, progress=False)
+    before = mw.load("vae", tmp_path).state_dict()
+    card = train(BUDGETS["vae"].replace(resume=True, freeze_encoder=True, feature_weight=0.1, object_weight=4.0,
+                                        **small), weights_dir=tmp_path, progress=False)
+    after = mw.load("vae", tmp_path).state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert card["freeze_encoder"] and card["feature_weight"] == 0.1
+    assert card["metrics"]["scaling_factor"] == card["resumed_from"]["metrics"]["scaling_factor"]
+    critic, x = mw.load("frame_classifier", tmp_path).eval(), torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():  # the critic's last map is the classifier's own logits
+        torch.testing.assert_close(critic.feature_maps(x)[-1], critic(x[:, :, None])[:, 0])
+
+
 def test_missing_weights_are_named():
     from vpure.runtime.errors import CheckpointError
 

@@ -20,6 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", type=int, default=None, help="vae/comdefend: train on random crops of this size")
     p.add_argument("--object-weight", type=float, default=None,
                    help="vae: loss weight of object pixels relative to background (0: uniform)")
+    p.add_argument("--feature-weight", type=float, default=None,
+                   help="vae: weight of a perceptual loss on the trained frame classifier's features")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="vae: train the decoder only, so the latents (and the UNet trained on them) stay valid")
     p.add_argument("--resume", action="store_true",
                    help="continue from the weights in the folder (the card records the chain of runs)")
     p.add_argument("--seed", type=int, default=0, help="training seed (the data seed is the world's)")
@@ -38,10 +42,13 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         changes = {k: v for k, v in (("steps", args.steps), ("train_clips", args.train_clips),
                                      ("eval_clips", args.eval_clips), ("batch", args.batch), ("lr", args.lr),
-                                     ("crop", args.crop), ("object_weight", args.object_weight))
+                                     ("crop", args.crop), ("object_weight", args.object_weight),
+                                     ("feature_weight", args.feature_weight))
                    if v is not None}
         if args.resume:
             changes["resume"] = True
+        if args.freeze_encoder:
+            changes["freeze_encoder"] = True
         cfg = BUDGETS[name].replace(seed=args.seed, **changes)
         command = "vpure train " + " ".join(a for a in sys.argv[2:] if a) if len(sys.argv) > 2 else f"vpure train {name}"
         card = train(cfg, world, args.out, command=command.replace(" all", f" {name}") if args.component == "all"

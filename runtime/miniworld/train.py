@@ -51,12 +51,17 @@ class TrainConfig(ConfigBase):
     # VAE: reconstruction loss weight of object pixels (mask dilated by one pixel) relative to the
     # background's 1. Objects cover ~9% of a frame and carry the class; 0 weighs every pixel alike.
     object_weight: float = 0.0
+    # VAE: weight of a perceptual loss on the trained frame classifier's feature maps (each
+    # stage's MSE over its mean square); the class lives in shapes the pixel loss blurs.
+    feature_weight: float = 0.0
+    freeze_encoder: bool = False  # VAE: train the decoder only (the latents, hence the UNet, stay valid)
 
     def validate(self) -> None:
         check(self.component in mw.COMPONENTS, f"TrainConfig.component {self.component!r} is not one of {mw.COMPONENTS}")
         check(self.steps >= 1 and self.batch >= 1, "TrainConfig.steps and batch must be >= 1")
         check(self.lr > 0, f"TrainConfig.lr must be > 0, got {self.lr}")
         check(self.train_clips >= 1 and self.eval_clips >= 1, "TrainConfig.train_clips and eval_clips must be >= 1")
+        check(self.feature_weight >= 0, f"TrainConfig.feature_weight must be >= 0, got {self.feature_weight}")
         check(self.object_weight >= 0, f"TrainConfig.object_weight must be >= 0, got {self.object_weight}")
         check(self.crop == 0 or (self.crop >= 16 and self.crop % 8 == 0),
               f"TrainConfig.crop must be 0 or a multiple of 8 >= 16, got {self.crop}")
@@ -197,6 +202,12 @@ def train_vae(cfg, world, data, test, weights_dir, progress):
     clips, _ = data
     vae = _start("vae", cfg, weights_dir)
     masks = train_masks(len(clips), world) if cfg.object_weight > 0 else None
+    if cfg.freeze_encoder:
+        for part in (vae.encoder, vae.quant_conv):
+            part.eval().requires_grad_(False)
+    critic = None
+    if cfg.feature_weight > 0:  # the trained frame classifier, frozen, as the perceptual critic
+        critic = mw.load("frame_classifier", weights_dir).eval().requires_grad_(False)
 
     def loss_fn(g):
         ci = torch.randint(0, clips.shape[0], (cfg.batch,), generator=g)
@@ -207,13 +218,22 @@ def train_vae(cfg, world, data, test, weights_dir, progress):
             x = torch.cat([x, w], 1)
         x = _crop(x, cfg.crop, g)
         x, w = x[:, :3] * 2 - 1, (x[:, 3:] if masks is not None else None)
-        post = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(not cfg.freeze_encoder):
+            post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
         d = rec - x
         per_pixel = d.pow(2) + 0.1 * d.abs()
-        rec_loss = per_pixel.mean() if w is None else (per_pixel * w).sum() / (w.sum() * 3)
-        return rec_loss + 1e-6 * post.kl().mean()
+        loss = per_pixel.mean() if w is None else (per_pixel * w).sum() / (w.sum() * 3)
+        if not cfg.freeze_encoder:
+            loss = loss + 1e-6 * post.kl().mean()
+        if critic is not None:
+            with torch.no_grad():
+                target = critic.feature_maps((x + 1) / 2)
+            got = critic.feature_maps((rec.clamp(-1, 1) + 1) / 2)
+            loss = loss + cfg.feature_weight * sum(F.mse_loss(a, b) / b.pow(2).mean().clamp_min(1e-6)
+                                                   for a, b in zip(got, target)) / len(got)
+        return loss
 
     losses = fit(vae.parameters(), cfg, loss_fn, "vae", progress)
     vae.eval()
@@ -370,7 +390,8 @@ def train(cfg: TrainConfig, world: WorldConfig | None = None, weights_dir: str |
             "command": command or f"vpure train {cfg.component}", "data_seed": world.seed,
             "train_clips": cfg.train_clips, "eval_clips": cfg.eval_clips, "frames": world.frames, "size": world.size,
             "steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed, "crop": cfg.crop,
-            "object_weight": cfg.object_weight,
+            "object_weight": cfg.object_weight, "feature_weight": cfg.feature_weight,
+            "freeze_encoder": cfg.freeze_encoder,
             "resumed_from": resumed,
             "train_seconds": round(time.perf_counter() - t0, 1),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",

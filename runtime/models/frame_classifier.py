@@ -59,6 +59,18 @@ class FrameClassifier(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
 
+    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's output for (N, 3, H, W) images in [0, 1], stem first, then the logits
+        (N, K): what a perceptual loss built on this classifier compares."""
+        x = (images - self.mean) / self.std
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        maps = [x]
+        for i in range(self.n_layers):
+            x = getattr(self, f"layer{i + 1}")(x)
+            maps.append(x)
+        maps.append(self.fc(torch.flatten(self.avgpool(x), 1)))
+        return maps
+
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         b, t = frames.shape[0], frames.shape[2]
         x = (frames_to_batch(frames) - self.mean) / self.std
