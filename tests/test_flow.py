@@ -31,6 +31,33 @@ def test_raft_large_and_small_layouts():
 
 
 @pytest.mark.parametrize("small", [True, False], ids=["small", "large"])
+def test_stride_4_variant_halves_the_grid_and_keeps_the_layout(small):
+    torch.manual_seed(0)
+    fine, coarse = RAFT(small=small, iters=2, corr_levels=3, stride=4).eval(), RAFT(small=small, iters=2, corr_levels=3)
+    shapes = {k: tuple(v.shape) for k, v in fine.state_dict().items()}
+    if small:  # same weights, one stride-2 conv per encoder becomes stride 1
+        assert shapes == {k: tuple(v.shape) for k, v in coarse.state_dict().items()}
+    else:  # the convex head predicts 4x4 (not 8x8) weights per cell
+        assert shapes["update_block.mask.2.weight"] == (16 * 9, 256, 1, 1)
+    assert fine.min_size == 32 and coarse.min_size == 64
+    a, b = torch.rand(1, 3, 32, 48), torch.rand(1, 3, 32, 48)
+    with torch.inference_mode():
+        assert fine.fnet(a).shape[-2:] == (8, 12)
+        assert fine(a, b).shape == (1, 2, 32, 48)
+        # Upsampling a constant flow (bilinear, or a convex combination) keeps it constant, x stride
+        # (convex: away from the border cells, whose 3x3 neighbourhoods are zero-padded as published).
+        mask = None if small else torch.randn(1, 16 * 9, 8, 12)
+        up = fine._upsample(torch.full((1, 2, 8, 12), 0.75), mask)[..., 4:-4, 4:-4]
+        assert_close(up, torch.full_like(up, 3.0), atol=1e-5, name="upsampled constant")
+    with pytest.raises(InputError, match="multiples of 4"):
+        fine(a[..., :30, :], b[..., :30, :])
+    flows = RAFTFlow(fine)(torch.rand(1, 3, 3, 34, 45))  # padded to 36x48, cropped back
+    assert flows.shape == (1, 2, 2, 34, 45) and torch.isfinite(flows).all()
+    with pytest.raises(ValueError, match="stride must be 4 or 8"):
+        RAFT(stride=2)
+
+
+@pytest.mark.parametrize("small", [True, False], ids=["small", "large"])
 def test_princeton_checkpoints_load_with_identical_outputs(tmp_path, small):
     torch.manual_seed(0)
     model = RAFT(small=small, iters=3).eval()

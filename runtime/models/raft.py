@@ -5,6 +5,12 @@ large: feature encoder 256-d (instance norm), context encoder 128+128 (batch nor
 all-pairs correlation pyramid, radius 4, separable ConvGRU, convex 8x upsampling.
 small: 128-d features, context 96+64, radius 3, ConvGRU, bilinear 8x upsampling.
 
+``stride`` (8 as published, or 4) is the encoders' output stride: at 4 the last encoder
+stage keeps its resolution (same weights shapes, one stride-2 conv becomes stride 1), the
+flow is estimated on a grid twice as fine and upsampled 4x (the large model's convex-mask
+head then predicts 4x4 instead of 8x8 weights per cell). Small frames (the mini-world's 64
+pixels: an 8x8 grid at stride 8) need it; checkpoints record it in their config.
+
 Input frames are in [0, 1]. ``input_range="unit"`` feeds them as they are (VideoPure's
 released code disables RAFT's normalisation); ``"native"`` applies RAFT's own
 2 * (x / 255) - 1 to the 0..255 image, i.e. 2x - 1. The iteration count is fixed at
@@ -40,7 +46,7 @@ class ResidualBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.norm1, self.norm2 = _norm(norm, planes), _norm(norm, planes)
         self.downsample = None
-        if stride != 1:
+        if stride != 1 or cin != planes:  # the projection the published stride-2 stages have
             self.norm3 = _norm(norm, planes)
             self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride=stride), self.norm3)
 
@@ -58,7 +64,7 @@ class BottleneckBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.norm1, self.norm2, self.norm3 = _norm(norm, planes // 4), _norm(norm, planes // 4), _norm(norm, planes)
         self.downsample = None
-        if stride != 1:
+        if stride != 1 or cin != planes:  # the projection the published stride-2 stages have
             self.norm4 = _norm(norm, planes)
             self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride=stride), self.norm4)
 
@@ -70,9 +76,9 @@ class BottleneckBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Basic (64/96/128, residual) or small (32/64/96, bottleneck) encoder at 1/8 resolution."""
+    """Basic (64/96/128, residual) or small (32/64/96, bottleneck) encoder at 1/stride resolution."""
 
-    def __init__(self, output_dim: int, norm: str, small: bool):
+    def __init__(self, output_dim: int, norm: str, small: bool, stride: int = 8):
         super().__init__()
         dims = (32, 64, 96) if small else (64, 96, 128)
         block = BottleneckBlock if small else ResidualBlock
@@ -80,7 +86,7 @@ class Encoder(nn.Module):
         self.norm1 = _norm(norm, dims[0])
         self.relu1 = nn.ReLU(inplace=True)
         cin = dims[0]
-        for i, (d, s) in enumerate(zip(dims, (1, 2, 2))):
+        for i, (d, s) in enumerate(zip(dims, (1, 2, 2 if stride == 8 else 1))):
             self.add_module(f"layer{i + 1}", nn.Sequential(block(cin, d, norm, s), block(d, d, norm, 1)))
             cin = d
         self.conv2 = nn.Conv2d(cin, output_dim, 1)
@@ -156,7 +162,7 @@ class MotionEncoder(nn.Module):
 
 
 class UpdateBlock(nn.Module):
-    def __init__(self, corr_planes: int, hidden: int, small: bool):
+    def __init__(self, corr_planes: int, hidden: int, small: bool, stride: int = 8):
         super().__init__()
         self.encoder = MotionEncoder(corr_planes, small)
         if small:
@@ -167,7 +173,7 @@ class UpdateBlock(nn.Module):
             self.gru = SepConvGRU(hidden, 128 + hidden)
             self.flow_head = FlowHead(hidden, 256)
             self.mask = nn.Sequential(nn.Conv2d(128, 256, 3, padding=1), nn.ReLU(inplace=True),
-                                      nn.Conv2d(256, 64 * 9, 1))
+                                      nn.Conv2d(256, stride * stride * 9, 1))
 
     def forward(self, net, inp, corr, flow):
         net = self.gru(net, torch.cat([inp, self.encoder(flow, corr)], dim=1))
@@ -183,20 +189,24 @@ def _sample(img: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 
 
 class RAFT(nn.Module):
-    """image1, image2 (N, 3, H, W) in [0, 1], H and W multiples of 8 -> flow (N, 2, H, W) from 1 to 2."""
+    """image1, image2 (N, 3, H, W) in [0, 1], H and W multiples of ``stride`` -> flow (N, 2, H, W)
+    from 1 to 2."""
 
-    def __init__(self, small: bool = False, iters: int = 10, input_range: str = "unit", corr_levels: int = 4):
+    def __init__(self, small: bool = False, iters: int = 10, input_range: str = "unit", corr_levels: int = 4,
+                 stride: int = 8):
         super().__init__()
         if input_range not in INPUT_RANGES:
             raise ValueError(f"input_range must be one of {INPUT_RANGES}, got {input_range!r}")
-        self.small, self.iters, self.input_range = small, iters, input_range
+        if stride not in (4, 8):
+            raise ValueError(f"RAFT stride must be 4 or 8, got {stride!r}")
+        self.small, self.iters, self.input_range, self.stride = small, iters, input_range, stride
         self.hidden_dim, self.context_dim = (96, 64) if small else (128, 128)
         # 4 levels as published; the mini-world's 64-pixel frames use 3 (min size 64).
         self.corr_levels, self.corr_radius = corr_levels, (3 if small else 4)
         planes = self.corr_levels * (2 * self.corr_radius + 1) ** 2
-        self.fnet = Encoder(128 if small else 256, "instance", small)
-        self.cnet = Encoder(self.hidden_dim + self.context_dim, "none" if small else "batch", small)
-        self.update_block = UpdateBlock(planes, self.hidden_dim, small)
+        self.fnet = Encoder(128 if small else 256, "instance", small, stride)
+        self.cnet = Encoder(self.hidden_dim + self.context_dim, "none" if small else "batch", small, stride)
+        self.update_block = UpdateBlock(planes, self.hidden_dim, small, stride)
 
     def _corr_pyramid(self, f1: torch.Tensor, f2: torch.Tensor) -> list[torch.Tensor]:
         n, d, h, w = f1.shape
@@ -226,16 +236,17 @@ class RAFT(nn.Module):
 
     def _upsample(self, flow: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         n, _, h, w = flow.shape
+        s = self.stride
         if mask is None:
-            return 8 * F.interpolate(flow, size=(8 * h, 8 * w), mode="bilinear", align_corners=True)
-        mask = torch.softmax(mask.view(n, 1, 9, 8, 8, h, w), dim=2)
-        up = F.unfold(8 * flow, [3, 3], padding=1).view(n, 2, 9, 1, 1, h, w)
-        return torch.sum(mask * up, dim=2).permute(0, 1, 4, 2, 5, 3).reshape(n, 2, 8 * h, 8 * w)
+            return s * F.interpolate(flow, size=(s * h, s * w), mode="bilinear", align_corners=True)
+        mask = torch.softmax(mask.view(n, 1, 9, s, s, h, w), dim=2)
+        up = F.unfold(s * flow, [3, 3], padding=1).view(n, 2, 9, 1, 1, h, w)
+        return torch.sum(mask * up, dim=2).permute(0, 1, 4, 2, 5, 3).reshape(n, 2, s * h, s * w)
 
     @property
     def min_size(self) -> int:
-        """The coarsest correlation level must be at least 2 pixels: 8 * 2**levels."""
-        return 8 * 2 ** self.corr_levels
+        """The coarsest correlation level must be at least 2 pixels: stride * 2**levels."""
+        return self.stride * 2 ** self.corr_levels
 
     def forward(self, image1: torch.Tensor, image2: torch.Tensor) -> torch.Tensor:
         return self.predictions(image1, image2, every_iteration=False)[-1]
@@ -244,9 +255,10 @@ class RAFT(nn.Module):
         """Full-resolution flow after each refinement iteration (for RAFT's sequence loss), or
         only the last one."""
         h, w = image1.shape[-2:]
-        if not torch.jit.is_tracing() and (h % 8 or w % 8 or min(h, w) < self.min_size):
-            raise InputError(f"RAFT needs H and W multiples of 8 and >= {self.min_size} "
-                             f"(a {self.corr_levels}-level correlation pyramid at 1/8 resolution), got {h}x{w}")
+        s = self.stride
+        if not torch.jit.is_tracing() and (h % s or w % s or min(h, w) < self.min_size):
+            raise InputError(f"RAFT needs H and W multiples of {s} and >= {self.min_size} "
+                             f"(a {self.corr_levels}-level correlation pyramid at 1/{s} resolution), got {h}x{w}")
         if self.input_range == "native":
             image1, image2 = 2 * image1 - 1, 2 * image2 - 1
         n = image1.shape[0]
@@ -273,7 +285,7 @@ class RAFTFlow:
     """Flow provider over clips: frames (B, 3, T, H, W) in [0, 1] -> flows (B, T-1, 2, H, W).
 
     Frame pairs are batched ``pairs_per_call`` at a time (memory bound for long clips); H and
-    W are padded (replicate) to multiples of 8 (and to RAFT's minimum size) and the flow is
+    W are padded (replicate) to multiples of the stride (and to RAFT's minimum size) and the flow is
     cropped back.
     """
 
@@ -285,7 +297,8 @@ class RAFTFlow:
         if frames.ndim != 5 or frames.shape[1] != 3 or frames.shape[2] < 2:
             raise InputError(f"frames must be (B, 3, T>=2, H, W), got {tuple(frames.shape)}")
         b, _, t, h, w = frames.shape
-        ph, pw = max((-h) % 8, self.model.min_size - h), max((-w) % 8, self.model.min_size - w)
+        s = self.model.stride
+        ph, pw = max((-h) % s, self.model.min_size - h), max((-w) % s, self.model.min_size - w)
         x = frames_to_batch(frames)
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
