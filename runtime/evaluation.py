@@ -201,13 +201,16 @@ def run_job(defences: Defences, defence: str, attack: str, index: int) -> dict[s
 
 # -- orchestration --------------------------------------------------------------------------
 
-def weights_id(weights_dir=None) -> str:
+def weights_id(weights_dir=None, flow: str = "dis") -> str:
+    """Hash of the weights an evaluation reads: every mini-world network, RAFT only when it
+    is the flow provider (retraining an unused network keeps the cache valid)."""
     from .artifacts import sha256_file
     from .miniworld.models import COMPONENTS, weights_path
 
     h = hashlib.sha256()
     for c in COMPONENTS:
-        h.update(sha256_file(weights_path(c, weights_dir)).encode())
+        if c != "raft" or flow == "raft":
+            h.update(sha256_file(weights_path(c, weights_dir)).encode())
     return h.hexdigest()[:12]
 
 
@@ -238,7 +241,7 @@ def evaluate(cfg: EvalConfig, defences: list[str], attacks: list[str], out_dir: 
     if unknown:
         raise ConfigError(f"unknown defence/attack {unknown}; defences: {', '.join(DEFENCES)}; "
                           f"attacks: {', '.join(ATTACKS)}")
-    cache = Path(out_dir) / "cache" / cfg.key(weights_id(weights_dir))
+    cache = Path(out_dir) / "cache" / cfg.key(weights_id(weights_dir, cfg.flow))
     cache.mkdir(parents=True, exist_ok=True)
     (cache / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
     jobs = [(d, a, i) for d in defences for a in attacks if applicable(d, a) for i in range(cfg.clips)

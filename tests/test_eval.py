@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from vpure.runtime.eval_tables import write_tables
-from vpure.runtime.evaluation import EvalConfig, applicable, evaluate, load_results, wilson
+from vpure.runtime.evaluation import EvalConfig, applicable, evaluate, load_results, weights_id, wilson
+from vpure.runtime.miniworld.models import COMPONENTS
 
 CFG = EvalConfig(clips=2, iters=1, fullgrad_iters=1)
 DEF, ATT = ["none", "jpeg", "shield"], ["clean", "pgd", "sparse"]
@@ -24,6 +25,16 @@ def test_applicability():
     assert applicable("videopure", "fullgrad") and not applicable("jpeg", "fullgrad")
     assert applicable("ts", "eot_bpda") and not applicable("videopure", "eot_bpda")
     assert not applicable("shield", "pgd_bpda") and applicable("shield", "gate")
+
+
+def test_cache_key_covers_the_weights_the_evaluation_reads(tmp_path):
+    for c in COMPONENTS:
+        (tmp_path / f"{c}.safetensors").write_bytes(c.encode())
+    dis, raft = weights_id(tmp_path, "dis"), weights_id(tmp_path, "raft")
+    (tmp_path / "raft.safetensors").write_bytes(b"retrained")
+    assert weights_id(tmp_path, "dis") == dis and weights_id(tmp_path, "raft") != raft
+    (tmp_path / "vae.safetensors").write_bytes(b"retrained")
+    assert weights_id(tmp_path, "dis") != dis
 
 
 @pytest.fixture(scope="module")

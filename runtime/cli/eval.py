@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     defences = list(DEFENCES) if args.defences == "all" else [d.strip() for d in args.defences.split(",")]
     attacks = list(ATTACKS) if args.attacks == "all" else [a.strip() for a in args.attacks.split(",")]
     if args.tables_only:
-        cache = args.out / "cache" / cfg.key(weights_id(args.weights))
+        cache = args.out / "cache" / cfg.key(weights_id(args.weights, cfg.flow))
         if not cache.is_dir():
             raise ConfigError(f"no cached results for this configuration in {cache}")
     else:
