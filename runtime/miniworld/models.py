@@ -43,7 +43,7 @@ FRAME_CLASSIFIER = dict(num_classes=NUM_CLASSES, widths=(16, 32, 64), depths=(1,
 RECOGNIZER = dict(num_classes=NUM_CLASSES, block="basic", blocks=(1, 1, 1), inflate=((1,), (1,), (1,)),
                   nonlocal_=((0,), (1,), (0,)), base_width=16, dropout=0.2, stem_pool=False)
 COMDEFEND = dict(com_widths=(16, 32, 32, 16), rec_widths=(16, 32, 32, 16))
-RAFT = dict(small=True, iters=8, corr_levels=3)
+RAFT = dict(small=True, iters=8, corr_levels=3, stride=4)  # 64-pixel frames: a 16x16 grid
 
 
 def build(component: str, config: dict[str, Any] | None = None) -> torch.nn.Module:
@@ -98,8 +98,8 @@ SUMMARIES = {
                   "the 5 silhouette classes; inflated from the trained frame classifier, then trained on clips.",
     "frame_classifier": "ResNet-style per-frame classifier for the detection gate's exception index.",
     "comdefend": "ComDefend (ComCNN + RecCNN), the light spatial defence for dense attacks.",
-    "raft": "RAFT-small with 3 correlation levels (64-pixel frames), 8 iterations, trained on the "
-            "dataset's exact flows with RAFT's sequence loss.",
+    "raft": "RAFT-small with 3 correlation levels and stride 4 (64-pixel frames: a 16x16 grid), "
+            "8 iterations, trained on the dataset's exact flows with RAFT's sequence loss.",
 }
 
 
