@@ -106,7 +106,7 @@ def _ort_wrap(name: str, comp: str, module, precision: str, engines_dir: Path) -
 
 def cases_for(name: str, m, backends: list[str], precisions: list[str], device: str, engines_dir: Path):
     """(case name, eps_fn, encoder, decoder, parity) for each backend x precision asked."""
-    from .models.diffusion import eps_fn_of
+    from .models.diffusion import GraphedEps, eps_fn_of
 
     out = []
     for backend in backends:
@@ -121,6 +121,11 @@ def cases_for(name: str, m, backends: list[str], precisions: list[str], device: 
                 e16 = eps_fn_of(m16.unet)
                 out.append((f"torch {p} UNet+decoder", lambda z, t, e=e16, d=dt: e(z.to(d), t).float(), m.encoder,
                             lambda z, d=dt, dec=m16.decoder: dec(z.to(d)).float(), _low_precision_parity))
+                if device == "cuda":  # the same fp16 modules, each UNet shape replayed from a CUDA graph
+                    g16 = GraphedEps(m16.unet)
+                    out.append((f"torch {p} UNet+decoder, CUDA graphs",
+                                lambda z, t, e=g16, d=dt: e(z.to(d), t).float(), m.encoder,
+                                lambda z, d=dt, dec=m16.decoder: dec(z.to(d)).float(), _low_precision_parity))
             elif backend == "onnxruntime" and p in ("fp32", "fp16", "int8"):
                 if device != "cpu":
                     continue  # onnxruntime-gpu is not part of this benchmark's machines

@@ -236,3 +236,43 @@ def test_video_loading_too_few_frames(data_dir):
 
     with pytest.raises(InputError, match="only"):
         load_clip(data_dir / "tree.avi", 10, 64, start=65)
+
+
+def _tiny_eps_unet():
+    from vpure.runtime.models.diffusion import tiny_unet
+
+    torch.manual_seed(0)
+    return tiny_unet().eval()
+
+
+def test_graphed_eps_is_the_eager_call_off_cuda():
+    from vpure.runtime.models.diffusion import GraphedEps, eps_fn_of
+
+    unet = _tiny_eps_unet()
+    g = GraphedEps(unet)
+    z = torch.randn(1, 4, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(g(z, 41), eps_fn_of(unet)(z, 41))
+    assert g.replays == 0 and not g.graphs
+
+
+@pytest.mark.gpu
+def test_graphed_eps_replays_match_eager_calls_on_cuda():
+    from vpure.runtime.models.diffusion import GraphedEps, eps_fn_of
+
+    unet = _tiny_eps_unet().cuda()
+    g, eager = GraphedEps(unet), eps_fn_of(unet)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for shape in [(1, 4, 4, 8, 8), (2, 4, 4, 8, 8), (1, 4, 4, 8, 8)]:
+            for t in (101, 41, 1):
+                z = torch.randn(shape, generator=gen).cuda()
+                first = g(z, t)
+                assert_close(first, eager(z, t), atol=1e-4, rtol=1e-4)
+                g(torch.randn(shape, generator=gen).cuda(), 7)  # the clone must not alias the static output
+                assert_close(first, eager(z, t), atol=1e-4, rtol=1e-4)
+    assert g.failure is None, g.failure
+    assert len(g.graphs) == 2 and g.replays == 18
+    z = torch.randn(1, 4, 4, 8, 8, device="cuda", requires_grad=True)
+    g(z, 41).sum().backward()  # gradients wanted: served eagerly
+    assert z.grad is not None and g.replays == 18
