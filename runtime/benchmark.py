@@ -100,6 +100,25 @@ def time_fn(fn: Callable[[], Any], *, device: str = "cpu", warmup: int = 2, min_
     return samples
 
 
+def time_interleaved(fns: list[Callable[[], Any]], *, device: str = "cpu", warmup: int = 2, min_iters: int = 5,
+                     min_time_s: float = 0.5, max_iters: int = 1000) -> list[list[float]]:
+    """Samples of each of ``fns`` timed in rounds (one call of each per round), so that a
+    machine whose speed drifts (a shared VM, a throttling laptop) slows every case alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    samples: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(samples[0]) < max_iters and (len(samples[0]) < min_iters or time.perf_counter() - start < min_time_s):
+        for fn, out in zip(fns, samples):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            out.append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
 def _pct(samples: list[float], q: float) -> float:
     if len(samples) == 1:
         return samples[0]
@@ -107,24 +126,37 @@ def _pct(samples: list[float], q: float) -> float:
 
 
 def run(group: str, config: str, reference: Case, cases: list[Case], *, device: str = "cpu",
-        csv_path: str | Path | None = None, **timing: Any) -> list[Row]:
-    """Time ``reference`` and ``cases`` (parity first); print and optionally append to CSV."""
+        csv_path: str | Path | None = None, interleave: bool = False, **timing: Any) -> list[Row]:
+    """Time ``reference`` and ``cases`` (parity first); print and optionally append to CSV.
+
+    ``interleave``: time all of them in rounds (:func:`time_interleaved`) rather than one
+    after the other; for ratios near 1 on a machine whose speed drifts."""
     ref_out = reference.fn()
-    rows: list[Row] = []
-    ref_samples = time_fn(reference.fn, device=device, **timing)
-    ref_p50 = statistics.median(ref_samples)
-    rows.append(Row(reference.name + " (ref)", ref_p50, _pct(ref_samples, 90), _pct(ref_samples, 99),
-                    len(ref_samples), 1.0, "reference", reference.note, ref_samples))
+    checked: list[tuple[Case, str]] = []
+    failed: dict[str, Row] = {}
     for case in cases:
         try:
-            parity = case.parity(case.fn(), ref_out) if case.parity else "unchecked"
-        except AssertionError as e:
-            rows.append(Row(case.name, float("nan"), float("nan"), float("nan"), 0, float("nan"),
-                            f"FAIL: {e}", case.note))
-            continue  # a result that is wrong is not worth timing
-        s = time_fn(case.fn, device=device, **timing)
+            checked.append((case, case.parity(case.fn(), ref_out) if case.parity else "unchecked"))
+        except AssertionError as e:  # a result that is wrong is not worth timing
+            failed[case.name] = Row(case.name, float("nan"), float("nan"), float("nan"), 0, float("nan"),
+                                    f"FAIL: {(str(e).splitlines() or [''])[0]}", case.note)
+    if interleave:
+        all_samples = time_interleaved([reference.fn] + [c.fn for c, _ in checked], device=device, **timing)
+    else:
+        all_samples = [time_fn(f, device=device, **timing) for f in [reference.fn] + [c.fn for c, _ in checked]]
+    ref_samples, timed = all_samples[0], dict(zip([c.name for c, _ in checked], all_samples[1:]))
+    ref_p50 = statistics.median(ref_samples)
+    rows: list[Row] = [Row(reference.name + " (ref)", ref_p50, _pct(ref_samples, 90), _pct(ref_samples, 99),
+                           len(ref_samples), 1.0, "reference", reference.note, ref_samples)]
+    parities = dict((c.name, p) for c, p in checked)
+    for case in cases:
+        if case.name in failed:
+            rows.append(failed[case.name])
+            continue
+        s = timed[case.name]
         p50 = statistics.median(s)
-        rows.append(Row(case.name, p50, _pct(s, 90), _pct(s, 99), len(s), ref_p50 / p50, parity, case.note, s))
+        rows.append(Row(case.name, p50, _pct(s, 90), _pct(s, 99), len(s), ref_p50 / p50, parities[case.name],
+                        case.note, s))
     print_table(group, config, rows)
     if csv_path is not None:
         append_csv(csv_path, group, config, reference.name, rows, device)

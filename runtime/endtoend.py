@@ -165,7 +165,7 @@ def bench_config(name: str, *, backends: list[str], precisions: list[str], iters
         cases.append(benchmark.Case(cname, p, parity))
     cfg = f"{name}: T={preset.frames} {preset.size}x{preset.size}, decode+detect+VideoPure (t*=6, 7 members), {device}"
     rows = benchmark.run("e2e", cfg, benchmark.Case("released-equivalent", ref), cases, device=device,
-                         csv_path=csv_path, warmup=1, min_iters=iters, min_time_s=0.0)
+                         csv_path=csv_path, interleave=True, warmup=1, min_iters=iters, min_time_s=0.0)
     out = []
     for row in rows:
         key = row.case.removesuffix(" (ref)")
@@ -277,4 +277,53 @@ def bench_clean_route(iters: int = 20, csv_path: str | Path | None = None, weigh
                          benchmark.Case("recogniser alone", alone),
                          [benchmark.Case("Shield, clean route", gated, parity),
                           benchmark.Case(f"Shield, clean route, stream (stride {stride})", streamed, parity)],
-                         csv_path=csv_path, warmup=3, min_iters=iters, min_time_s=1.0)
+                         csv_path=csv_path, interleave=True, warmup=3, min_iters=iters, min_time_s=1.0)
+
+
+def bench_clean_route_deploy(iters: int = 5, frames: int = 32, size: int = 224, gate_size: int = 112,
+                             csv_path: str | Path | None = None):
+    """The clean route at deployment scale (random weights: latency does not depend on them):
+    an I3D ResNet-50 on ``frames`` x ``size`` x ``size`` alone, against the Shield gating with a
+    ResNet-18 frame classifier at ``gate_size`` (DetectionConfig.frame_size), isolated and as a
+    stream of windows overlapping by half (CachedFrameLogits). The thresholds are set to 1 so
+    that every clip takes the clean route, whatever the random gate says."""
+    from .detect import DetectionConfig
+    from .models.frame_classifier import FrameClassifier
+    from .models.i3d import i3d_resnet50
+    from .runner import CachedFrameLogits
+    from .shield import Shield, ShieldConfig
+
+    torch.manual_seed(0)
+    rec = i3d_resnet50(num_classes=400).eval()
+    gate = FrameClassifier(num_classes=400).eval()
+    cfg = ShieldConfig(detection=DetectionConfig(gamma1=1.0, gamma2=1.0, frame_size=gate_size), dense="comdefend")
+    identity = torch.nn.Identity()  # the dense route is never taken here
+    shield = Shield(gate, rec, comdefend=identity, config=cfg)
+    cached = CachedFrameLogits(gate)
+    streaming = Shield(cached, rec, comdefend=identity, config=cfg)
+    x = torch.rand(1, 3, frames, size, size, generator=torch.Generator().manual_seed(0))
+    stride, window = frames // 2, {"k": 0}
+
+    def alone():
+        with torch.inference_mode():
+            return rec(x).argmax(-1)
+
+    def gated():
+        r = shield(x)[0]
+        assert r.route == "clean", r.route
+        return torch.tensor([r.label])
+
+    def streamed():
+        k = window["k"] = window["k"] + 1
+        cached.set_window(list(range(k * stride, k * stride + frames)))
+        return torch.tensor([streaming(x)[0].label])
+
+    def parity(out, ref):
+        assert torch.equal(out, ref), "labels differ"
+        return "same label"
+
+    return benchmark.run("e2e-clean-route", f"I3D-R50 {frames}x{size}x{size} + ResNet-18 gate at {gate_size}, random weights",
+                         benchmark.Case("recogniser alone", alone),
+                         [benchmark.Case("Shield, clean route", gated, parity),
+                          benchmark.Case(f"Shield, clean route, stream (stride {stride})", streamed, parity)],
+                         csv_path=csv_path, interleave=True, warmup=1, min_iters=iters, min_time_s=0.0)

@@ -241,3 +241,36 @@ def test_clean_route_benchmark_checks_labels_and_writes_its_rows(tmp_path):
     assert [r.parity for r in rows[1:]] == ["same label", "same label"]
     assert all(r.p50_ms > 0 for r in rows)
     assert len((tmp_path / "r.csv").read_text().splitlines()) == 1 + len(rows)
+
+
+def test_interleaved_benchmark_times_every_case_per_round_and_skips_wrong_ones(tmp_path):
+    from vpure.runtime import benchmark
+
+    calls: list[str] = []
+
+    def case(name, value):
+        def fn():
+            calls.append(name)
+            return torch.tensor([value])
+        return fn
+
+    def parity(out, ref):
+        assert torch.equal(out, ref), "values differ"
+        return "same"
+
+    rows = benchmark.run("g", "c", benchmark.Case("ref", case("r", 1)),
+                         [benchmark.Case("a", case("a", 1), parity), benchmark.Case("bad", case("b", 2), parity)],
+                         csv_path=tmp_path / "r.csv", interleave=True, warmup=1, min_iters=3, min_time_s=0.0)
+    assert [r.case for r in rows] == ["ref (ref)", "a", "bad"]
+    assert rows[1].parity == "same" and rows[1].n == 3 and rows[2].parity.startswith("FAIL") and rows[2].n == 0
+    # reference output, two parity checks, one warm-up each, then rounds of (ref, a)
+    assert calls == ["r", "a", "b", "r", "a"] + ["r", "a"] * 3
+    assert rows[2].parity == "FAIL: values differ"
+    assert len((tmp_path / "r.csv").read_text().splitlines()) == 4
+
+
+def test_deployment_scale_clean_route_benchmark_runs(tmp_path):
+    from vpure.runtime.endtoend import bench_clean_route_deploy
+
+    rows = bench_clean_route_deploy(iters=1, frames=8, size=64, gate_size=32, csv_path=tmp_path / "r.csv")
+    assert [r.parity for r in rows[1:]] == ["same label", "same label"]

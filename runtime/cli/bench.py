@@ -16,13 +16,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV to append rows to ('' for none)")
     p.add_argument("--png", type=Path, default=Path("benchmarks/results/stages.png"), help="stage breakdown chart")
     p.add_argument("--clean-route", action="store_true",
-                   help="also time the Shield's clean route against the recogniser alone (mini-world models)")
+                   help="also time the Shield's clean route against the recogniser alone (mini-world models, "
+                        "and I3D-R50 with a ResNet-18 gate at deployment scale)")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..endtoend import bench_clean_route, bench_config, stage_chart
+    from ..endtoend import bench_clean_route, bench_clean_route_deploy, bench_config, stage_chart
     from ..errors import ConfigError
 
     torch.set_grad_enabled(True)
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
             skipped.append(f"{name}: {e}")
     if args.clean_route:
         bench_clean_route(csv_path=csv)
+        bench_clean_route_deploy(csv_path=csv)
     if results:
         print(f"\nstage chart: {stage_chart(args.png, results).resolve()}")
     for line in skipped:
