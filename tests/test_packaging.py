@@ -83,3 +83,13 @@ def test_wheel_builds_and_installs(tmp_path):
     out = subprocess.run([str(py), "-m", "vpure", "info", "--json"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+def test_gpu_tier_script_parses_and_names_its_steps():
+    script = ROOT / "benchmarks" / "gpu_tier.sh"
+    out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    text = script.read_text()
+    for step in ("bench_modelscope", "gpu_tests", "bench_warp_l1"):
+        assert f"step {step} " in text
+    assert "--configs modelscope" in text and "-m gpu" in text
