@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU tier in one go, for a CUDA machine with vpure installed:
 #   bash benchmarks/gpu_tier.sh OUTDIR
+# PyAV is not needed (the bench reads a folder of PNG frames); where diffusers, PyWavelets
+# or tomli_w are missing (as on the lent H100/H200 images), install their wheels first.
 # 1. `vpure bench` on the `modelscope` architecture (random weights, T=32 at 224x224): the
 #    fp32 released-code reference vs fp16 and fp16 with CUDA graphs, 2. the tests marked
 #    `gpu` (compiled Triton kernels vs the CPU implementations, CUDA-graph UNet replay),
