@@ -104,6 +104,11 @@ def load_components(cfg: RunConfig) -> Components:
     else:
         comps = Components(*(registry.get(r).build(seed=0) for r in REGISTRY_NAMES.values()),
                            specs={r: registry.get(r) for r in REGISTRY_NAMES.values()})
+    unet_choice = cfg.runtime.components.get(REGISTRY_NAMES["unet"])
+    if isinstance(comps.unet, torch.nn.Module) and (unet_choice is None or unet_choice.backend == "torch"):
+        from .models.diffusion import fold_temporal_convs
+
+        fold_temporal_convs(comps.unet)  # torch inference only: exporters see diffusers' modules
     for fld, reg in REGISTRY_NAMES.items():
         choice = cfg.runtime.components.get(reg)
         if choice is None or choice.backend == "torch" and choice.precision.value == "fp32":

@@ -276,3 +276,22 @@ def test_graphed_eps_replays_match_eager_calls_on_cuda():
     z = torch.randn(1, 4, 4, 8, 8, device="cuda", requires_grad=True)
     g(z, 41).sum().backward()  # gradients wanted: served eagerly
     assert z.grad is not None and g.replays == 18
+
+
+def test_folded_temporal_convs_compute_the_same_unet():
+    import copy
+
+    from vpure.runtime.models.diffusion import TemporalConv, eps_fn_of, fold_temporal_convs
+
+    unet = _tiny_eps_unet()
+    folded = copy.deepcopy(unet)
+    n = fold_temporal_convs(folded)
+    assert n == sum(isinstance(m, torch.nn.Conv3d) and m.kernel_size[1:] == (1, 1) for m in unet.modules()) > 0
+    assert not any(isinstance(m, torch.nn.Conv3d) for m in folded.modules())
+    assert sum(isinstance(m, TemporalConv) for m in folded.modules()) == n
+    assert {k: v.shape for k, v in folded.state_dict().items()} == {k: v.shape for k, v in unet.state_dict().items()}
+    z = torch.randn(2, 4, 4, 8, 8)
+    with torch.no_grad():
+        assert_close(eps_fn_of(folded)(z, 41), eps_fn_of(unet)(z, 41), atol=1e-5, rtol=1e-5)
+    other = torch.nn.Sequential(torch.nn.Conv3d(3, 3, 3, padding=1), torch.nn.Conv3d(3, 3, (3, 1, 1), stride=(2, 1, 1)))
+    assert fold_temporal_convs(other) == 0
