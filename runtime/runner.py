@@ -106,9 +106,12 @@ def load_components(cfg: RunConfig) -> Components:
                            specs={r: registry.get(r) for r in REGISTRY_NAMES.values()})
     unet_choice = cfg.runtime.components.get(REGISTRY_NAMES["unet"])
     if isinstance(comps.unet, torch.nn.Module) and (unet_choice is None or unet_choice.backend == "torch"):
-        from .models.diffusion import fold_temporal_convs
+        from .models.diffusion import EpsUNet, fold_temporal_convs, optimise_for_inference
 
-        fold_temporal_convs(comps.unet)  # torch inference only: exporters see diffusers' modules
+        if isinstance(comps.unet, EpsUNet):  # torch inference only: exporters see diffusers' modules
+            optimise_for_inference(comps.unet)
+        else:
+            fold_temporal_convs(comps.unet)
     for fld, reg in REGISTRY_NAMES.items():
         choice = cfg.runtime.components.get(reg)
         if choice is None or choice.backend == "torch" and choice.precision.value == "fp32":

@@ -295,3 +295,42 @@ def test_folded_temporal_convs_compute_the_same_unet():
         assert_close(eps_fn_of(folded)(z, 41), eps_fn_of(unet)(z, 41), atol=1e-5, rtol=1e-5)
     other = torch.nn.Sequential(torch.nn.Conv3d(3, 3, 3, padding=1), torch.nn.Conv3d(3, 3, (3, 1, 1), stride=(2, 1, 1)))
     assert fold_temporal_convs(other) == 0
+
+
+def test_inference_rewrites_compute_the_same_unet_and_keep_gradients():
+    import copy
+
+    from vpure.runtime.models.diffusion import ConstantContextAttention, eps_fn_of, optimise_for_inference
+
+    unet = _tiny_eps_unet()
+    fast = copy.deepcopy(unet)
+    done = optimise_for_inference(fast)
+    assert done["temporal_convs"] > 0 and done["cross_attention"] > 0
+    procs = [m.processor for m in fast.unet.modules() if isinstance(getattr(m, "processor", None),
+                                                                     ConstantContextAttention)]
+    assert len(procs) == done["cross_attention"]
+    z = torch.randn(2, 4, 4, 8, 8)
+    with torch.inference_mode():
+        for t in (101, 41):
+            assert_close(eps_fn_of(fast)(z, t), eps_fn_of(unet)(z, t), atol=2e-5, rtol=1e-5)
+    assert all(p.hits == 2 and p.projections == 1 for p in procs)  # two calls, the prompt projected once
+    zg = z.clone().requires_grad_(True)
+    zr = z.clone().requires_grad_(True)
+    eps_fn_of(fast)(zg, 41).square().sum().backward()
+    eps_fn_of(unet)(zr, 41).square().sum().backward()
+    assert_close(zg.grad, zr.grad, atol=1e-4, rtol=1e-4)
+    assert all(p.hits == 3 for p in procs) and not any(q.requires_grad for q in fast.parameters())
+    fast.requires_grad_(True)  # gradients wanted for the projections: diffusers' path, not the cache
+    eps_fn_of(fast)(z, 41).square().sum().backward()
+    assert all(p.hits == 3 for p in procs)
+    assert all(m.to_k.weight.grad is not None for m in fast.unet.modules() if getattr(m, "is_cross_attention", False))
+    fast.requires_grad_(False)
+    with torch.no_grad():  # a new prompt is projected again, not served stale
+        fast.prompt_embedding.add_(0.5)
+        unet.prompt_embedding.add_(0.5)
+        assert_close(eps_fn_of(fast)(z, 41), eps_fn_of(unet)(z, 41), atol=2e-5, rtol=1e-5)
+        assert all(p.projections == 2 for p in procs)
+        other = torch.randn_like(unet.prompt_embedding)  # a context that is not the prompt: diffusers' path
+        ref = unet.unet(z, torch.tensor([41]), encoder_hidden_states=other.expand(2, -1, -1), return_dict=False)[0]
+        got = fast.unet(z, torch.tensor([41]), encoder_hidden_states=other.expand(2, -1, -1), return_dict=False)[0]
+        assert_close(got, ref, atol=2e-5, rtol=1e-5)

@@ -11,6 +11,8 @@ diffusers is imported only when a module is built.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -158,6 +160,86 @@ def fold_temporal_convs(module: nn.Module) -> int:
                 setattr(parent, name, TemporalConv(child))
                 n += 1
     return n
+
+
+class ConstantContextAttention:
+    """Attention processor for a cross-attention layer whose context is the baked prompt.
+
+    The runtime's conditioning never changes (spec/videopure.md), yet diffusers projects it
+    to keys and values in every cross-attention layer, for every frame of every call. This
+    processor projects the (1, L, D) prompt once per layer (again only if the prompt, the
+    projections or their dtype/device change) and broadcasts it over the batch. It checks
+    that the context it is handed is that prompt (every row: an elementwise compare costs
+    1/D of the projection it saves), and hands anything it does not cover (masks, norms,
+    another context, gradients wanted for the prompt or the projections) to diffusers' own
+    processor. Gradients with respect to the hidden states (the latents) flow as usual.
+    """
+
+    def __init__(self, prompt: Callable[[], torch.Tensor]):
+        self.prompt = prompt
+        self._key: tuple | None = None
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.hits = self.projections = 0
+
+    def _fallback(self, attn, *args):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        return AttnProcessor2_0()(attn, *args)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        ctx = self.prompt()
+        if (encoder_hidden_states is None or attention_mask is not None or hidden_states.ndim != 3
+                or attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_q is not None
+                or attn.norm_k is not None or attn.residual_connection
+                or encoder_hidden_states.shape[1:] != ctx.shape[1:]
+                or (torch.is_grad_enabled() and (ctx.requires_grad or attn.to_k.weight.requires_grad
+                                                 or attn.to_v.weight.requires_grad))
+                or not torch.equal(encoder_hidden_states,
+                                   ctx.to(encoder_hidden_states.dtype).expand_as(encoder_hidden_states))):
+            return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        dtype = hidden_states.dtype
+        key = (dtype, hidden_states.device, ctx._version, attn.to_k.weight._version, attn.to_v.weight._version)
+        if key != self._key:
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors: usable under autograd too
+                c = ctx.to(dtype)
+                if attn.norm_cross:
+                    c = attn.norm_encoder_hidden_states(c)
+                k, v = attn.to_k(c), attn.to_v(c)
+                hd = k.shape[-1] // attn.heads
+                self._kv = (k.view(1, -1, attn.heads, hd).transpose(1, 2).clone(),
+                            v.view(1, -1, attn.heads, hd).transpose(1, 2).clone())
+            self._key = key
+            self.projections += 1
+        self.hits += 1
+        b = hidden_states.shape[0]
+        k, v = (t.expand(b, -1, -1, -1) for t in self._kv)
+        hd = k.shape[-1]
+        q = attn.to_q(hidden_states).view(b, -1, attn.heads, hd).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * hd).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+def optimise_for_inference(eps_unet: "EpsUNet") -> dict[str, int]:
+    """The torch inference path's rewrites of an :class:`EpsUNet`, in place: temporal
+    convolutions as 2-D ones (:func:`fold_temporal_convs`) and the baked prompt's keys and
+    values projected once (:class:`ConstantContextAttention`). The parameters are frozen
+    (``requires_grad_(False)``): the inference path differentiates with respect to latents
+    only. Returns what was rewritten. Exporters and the released-code reference keep
+    diffusers' modules."""
+    from diffusers.models.attention_processor import Attention
+
+    eps_unet.requires_grad_(False)
+
+    n_conv = fold_temporal_convs(eps_unet)
+    n_attn = 0
+    for m in eps_unet.unet.modules():
+        if isinstance(m, Attention) and m.is_cross_attention:
+            m.set_processor(ConstantContextAttention(lambda e=eps_unet: e.prompt_embedding))
+            n_attn += 1
+    return {"temporal_convs": n_conv, "cross_attention": n_attn}
 
 
 class GraphedEps:
