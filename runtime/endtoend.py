@@ -13,7 +13,6 @@ and ONNX Runtime artefacts (exported on first use into ``engines_dir``).
 from __future__ import annotations
 
 import copy
-
 import statistics
 import tempfile
 from dataclasses import dataclass, field
@@ -259,30 +258,39 @@ def bench_clean_route(iters: int = 20, csv_path: str | Path | None = None, weigh
     frames = CachedFrameLogits(world.frame_classifier)
     streaming = Shield(frames, world.recognizer, videopure=shield.videopure, comdefend=shield.comdefend,
                        config=shield.config)
-    t, stride = clean.shape[2], clean.shape[2] // 2
-    window = {"k": 0}
+    return _time_clean_route("mini-world, 16x64x64, clean test clip", clean, world.recognizer, shield, streaming,
+                             frames, csv_path=csv_path, warmup=3, min_iters=iters, min_time_s=1.0)
 
-    def alone(x=clean):
+
+def _time_clean_route(config: str, x: torch.Tensor, recognizer, shield, streaming, cached, csv_path=None, **timing):
+    """The recogniser alone on ``x`` against ``shield`` on it, and against ``streaming`` (whose
+    frame classifier is ``cached``, a :class:`CachedFrameLogits`) fed windows that overlap the
+    previous one by half, as ``vpure run`` cuts a stream; timed in interleaved rounds."""
+    t = x.shape[2]
+    stride, window = t // 2, {"k": 0}
+
+    def alone():
         with torch.inference_mode():
-            return world.recognizer(x).argmax(-1)
+            return recognizer(x).argmax(-1)
 
-    def gated(x=clean):
-        return torch.tensor([shield(x)[0].label])
+    def gated():
+        r = shield(x)[0]
+        assert r.route == "clean", r.route
+        return torch.tensor([r.label])
 
-    def streamed(x=clean):  # the next window: its first half was classified by the previous one
+    def streamed():  # the next window: its first half was classified by the previous one
         k = window["k"] = window["k"] + 1
-        frames.set_window(list(range(k * stride, k * stride + t)))
+        cached.set_window(list(range(k * stride, k * stride + t)))
         return torch.tensor([streaming(x)[0].label])
 
     def parity(out, ref):
         assert torch.equal(out, ref), "labels differ"
         return "same label"
 
-    return benchmark.run("e2e-clean-route", "mini-world, 16x64x64, clean test clip",
-                         benchmark.Case("recogniser alone", alone),
+    return benchmark.run("e2e-clean-route", config, benchmark.Case("recogniser alone", alone),
                          [benchmark.Case("Shield, clean route", gated, parity),
                           benchmark.Case(f"Shield, clean route, stream (stride {stride})", streamed, parity)],
-                         csv_path=csv_path, interleave=True, warmup=3, min_iters=iters, min_time_s=1.0)
+                         csv_path=csv_path, interleave=True, **timing)
 
 
 def bench_clean_route_deploy(iters: int = 5, frames: int = 32, size: int = 224, gate_size: int = 112,
@@ -307,28 +315,6 @@ def bench_clean_route_deploy(iters: int = 5, frames: int = 32, size: int = 224, 
     cached = CachedFrameLogits(gate)
     streaming = Shield(cached, rec, comdefend=identity, config=cfg)
     x = torch.rand(1, 3, frames, size, size, generator=torch.Generator().manual_seed(0))
-    stride, window = frames // 2, {"k": 0}
-
-    def alone():
-        with torch.inference_mode():
-            return rec(x).argmax(-1)
-
-    def gated():
-        r = shield(x)[0]
-        assert r.route == "clean", r.route
-        return torch.tensor([r.label])
-
-    def streamed():
-        k = window["k"] = window["k"] + 1
-        cached.set_window(list(range(k * stride, k * stride + frames)))
-        return torch.tensor([streaming(x)[0].label])
-
-    def parity(out, ref):
-        assert torch.equal(out, ref), "labels differ"
-        return "same label"
-
-    return benchmark.run("e2e-clean-route", f"I3D-R50 {frames}x{size}x{size} + ResNet-18 gate at {gate_size}, random weights",
-                         benchmark.Case("recogniser alone", alone),
-                         [benchmark.Case("Shield, clean route", gated, parity),
-                          benchmark.Case(f"Shield, clean route, stream (stride {stride})", streamed, parity)],
-                         csv_path=csv_path, interleave=True, warmup=1, min_iters=iters, min_time_s=0.0)
+    return _time_clean_route(f"I3D-R50 {frames}x{size}x{size} + ResNet-18 gate at {gate_size}, random weights", x,
+                             rec, shield, streaming, cached, csv_path=csv_path, warmup=1, min_iters=iters,
+                             min_time_s=0.0)

@@ -176,15 +176,13 @@ class ConstantContextAttention:
     """
 
     def __init__(self, prompt: Callable[[], torch.Tensor]):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
         self.prompt = prompt
+        self._fallback = AttnProcessor2_0()  # diffusers' own processor, for what this one does not cover
         self._key: tuple | None = None
         self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self.hits = self.projections = 0
-
-    def _fallback(self, attn, *args):
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        return AttnProcessor2_0()(attn, *args)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -232,7 +230,6 @@ def optimise_for_inference(eps_unet: "EpsUNet") -> dict[str, int]:
     from diffusers.models.attention_processor import Attention
 
     eps_unet.requires_grad_(False)
-
     n_conv = fold_temporal_convs(eps_unet)
     n_attn = 0
     for m in eps_unet.unet.modules():
@@ -259,12 +256,10 @@ class GraphedEps:
 
     def __init__(self, module: nn.Module, warmup: int = 2):
         self.module, self.warmup = module, warmup
+        self._eager = eps_fn_of(module)
         self.graphs: dict[tuple, tuple] = {}
         self.failure: str | None = None
         self.replays = 0
-
-    def _eager(self, z: torch.Tensor, t: int) -> torch.Tensor:
-        return self.module(z, torch.tensor([int(t)], dtype=torch.int64, device=z.device))
 
     def _capture(self, z: torch.Tensor, t: int) -> tuple:
         static_z = z.detach().clone()
