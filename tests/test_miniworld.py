@@ -86,6 +86,41 @@ def test_training_is_reproducible_from_its_seed(tmp_path, monkeypatch):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_training_precision_is_applied_and_recorded(tmp_path, monkeypatch):
+    from vpure.runtime.errors import ConfigError
+    from vpure.runtime.miniworld import train as training
+
+    monkeypatch.setenv("VPURE_CACHE", str(tmp_path / "cache"))
+    seen = []
+    real = training.train_comdefend
+
+    def spy(cfg, *args):  # record whether the loss is computed under bf16 autocast
+        model_cls = type(mw.build("comdefend"))
+        encode = model_cls.encode
+
+        def watched(self, x):
+            seen.append((cfg.precision, torch.is_autocast_enabled("cpu")))
+            return encode(self, x)
+
+        monkeypatch.setattr(model_cls, "encode", watched)
+        try:
+            return real(cfg, *args)
+        finally:
+            monkeypatch.setattr(model_cls, "encode", encode)
+
+    monkeypatch.setitem(training.TRAINERS, "comdefend", spy)
+    cfg = BUDGETS["comdefend"].replace(steps=2, batch=2, train_clips=3, eval_clips=2, warmup=1)
+    cards = {p: train(cfg.replace(precision=p), weights_dir=tmp_path / p, progress=False) for p in ("fp32", "bf16")}
+    assert set(seen) >= {("fp32", False), ("bf16", True)}
+    assert cards["fp32"]["precision"] == "fp32" and cards["bf16"]["precision"] == "bf16"
+    assert "bf16 forward passes" in mw.weights_path("comdefend", tmp_path / "bf16").with_suffix(".md").read_text()
+    a, b = (mw.load("comdefend", tmp_path / p).state_dict() for p in ("fp32", "bf16"))
+    assert all(torch.isfinite(v).all() for v in b.values()) and any(not torch.equal(a[k], b[k]) for k in a)
+    assert cfg.replace(precision="auto").compute_precision() == ("bf16" if training.native_bf16() else "fp32")
+    with pytest.raises(ConfigError, match="precision"):
+        cfg.replace(precision="fp16")
+
+
 def test_resumed_training_starts_from_the_folder_and_records_the_chain(tmp_path, monkeypatch):
     monkeypatch.setenv("VPURE_CACHE", str(tmp_path / "cache"))
     cfg = BUDGETS["comdefend"].replace(steps=2, batch=2, train_clips=3, eval_clips=2, warmup=1)

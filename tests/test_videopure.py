@@ -297,6 +297,37 @@ def test_folded_temporal_convs_compute_the_same_unet():
     assert fold_temporal_convs(other) == 0
 
 
+def test_training_through_folded_convs_updates_the_original_layout():
+    """The mini-world UNet trains folded; unfolding restores diffusers' Conv3d with the trained
+    parameter objects, so the saved state dict and the module's outputs are the folded ones'."""
+    import copy
+
+    from vpure.runtime.models.diffusion import TemporalConv, eps_fn_of, fold_temporal_convs, unfold_temporal_convs
+
+    unet = _tiny_eps_unet()
+    before = copy.deepcopy(unet)
+    kinds = {n: (m.kernel_size, m.padding, m.bias is not None) for n, m in unet.named_modules()
+             if isinstance(m, torch.nn.Conv3d)}
+    n = fold_temporal_convs(unet)
+    params = {k: v for k, v in unet.named_parameters()}
+    z = torch.randn(2, 4, 4, 8, 8)
+    loss = eps_fn_of(unet)(z, 41).square().mean()
+    loss.backward()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p -= 0.1 * p.grad
+        trained = eps_fn_of(unet)(z, 41)
+    assert unfold_temporal_convs(unet) == n and not any(isinstance(m, TemporalConv) for m in unet.modules())
+    assert {k: (m.kernel_size, m.padding, m.bias is not None) for k, m in unet.named_modules()
+            if isinstance(m, torch.nn.Conv3d)} == kinds
+    assert all(v is params[k] for k, v in unet.named_parameters())  # same objects, same names
+    temporal = [k for k, m in unet.named_modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size[1:] == (1, 1)]
+    assert any(not torch.equal(unet.state_dict()[f"{k}.weight"], before.state_dict()[f"{k}.weight"]) for k in temporal)
+    with torch.no_grad():
+        assert_close(eps_fn_of(unet)(z, 41), trained, atol=1e-5, rtol=1e-5)
+    assert unfold_temporal_convs(unet) == 0
+
+
 def test_inference_rewrites_compute_the_same_unet_and_keep_gradients():
     import copy
 

@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="vae: train the decoder only, so the latents (and the UNet trained on them) stay valid")
     p.add_argument("--resume", action="store_true",
                    help="continue from the weights in the folder (the card records the chain of runs)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="forward passes under bf16 autocast or in fp32 (default: each component's budget; "
+                        "'auto' is bf16 where the CPU has native bf16)")
     p.add_argument("--seed", type=int, default=0, help="training seed (the data seed is the world's)")
     p.add_argument("--world-seed", type=int, default=0, help="mini-world dataset seed")
 
@@ -43,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         changes = {k: v for k, v in (("steps", args.steps), ("train_clips", args.train_clips),
                                      ("eval_clips", args.eval_clips), ("batch", args.batch), ("lr", args.lr),
                                      ("crop", args.crop), ("object_weight", args.object_weight),
-                                     ("feature_weight", args.feature_weight))
+                                     ("feature_weight", args.feature_weight),
+                                     ("precision", args.precision))
                    if v is not None}
         if args.resume:
             changes["resume"] = True

@@ -144,6 +144,7 @@ def card_markdown(component: str, card: dict[str, Any]) -> str:
              f"- data: mini-world seed {card.get('data_seed')}, {card.get('train_clips')} training clips "
              f"({card.get('frames')} frames at {card.get('size')}x{card.get('size')})",
              f"- steps: {card.get('steps')}, batch {card.get('batch')}, seed {card.get('seed')}, "
+             f"{card.get('precision', 'fp32')} forward passes, "
              f"wall time {card.get('train_seconds', 0):.0f} s on {card.get('machine', '?')}",
              f"- parameters: {card.get('parameters')}"]
     prev = card.get("resumed_from")

@@ -55,6 +55,9 @@ class TrainConfig(ConfigBase):
     # stage's MSE over its mean square); the class lives in shapes the pixel loss blurs.
     feature_weight: float = 0.0
     freeze_encoder: bool = False  # VAE: train the decoder only (the latents, hence the UNet, stay valid)
+    # Forward passes under bf16 autocast (weights, gradients and optimiser state stay fp32):
+    # "auto" is bf16 where oneDNN has native bf16 (AVX512-BF16 or AMX), else fp32.
+    precision: str = "auto"
 
     def validate(self) -> None:
         check(self.component in mw.COMPONENTS, f"TrainConfig.component {self.component!r} is not one of {mw.COMPONENTS}")
@@ -65,12 +68,32 @@ class TrainConfig(ConfigBase):
         check(self.object_weight >= 0, f"TrainConfig.object_weight must be >= 0, got {self.object_weight}")
         check(self.crop == 0 or (self.crop >= 16 and self.crop % 8 == 0),
               f"TrainConfig.crop must be 0 or a multiple of 8 >= 16, got {self.crop}")
+        check(self.precision in PRECISIONS, f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def compute_precision(self) -> str:
+        """The precision this run's forward passes use on this machine ("fp32" or "bf16")."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if native_bf16() else "fp32"
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU runs bf16 convolutions and matmuls natively (oneDNN's check)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 # Budgets measured on a 2-vCPU AMD EPYC (see each model card for the wall time).
 BUDGETS: dict[str, TrainConfig] = {
-    "vae": TrainConfig("vae", steps=1600, batch=16, lr=1e-3),  # ~0.75 s/step
-    "unet": TrainConfig("unet", steps=1000, batch=8, lr=4e-4),  # ~1.15 s/step
+    "vae": TrainConfig("vae", steps=1600, batch=16, lr=1e-3),  # ~0.80 s/step fp32, ~0.51 bf16
+    # fp32: PyTorch's CPU flash-attention backward is slower in bf16 than in fp32 at this
+    # UNet's head size (8), which outweighs the convolutions' gain (1.30 vs 1.12 s/step).
+    "unet": TrainConfig("unet", steps=1000, batch=8, lr=4e-4, precision="fp32"),  # ~1.12 s/step
     # The classifiers see 4000 clips with augmentation: on 1000 clips without it they memorised
     # backgrounds (frame classifier 83% train, 41% test).
     # Neither uses the stem max-pool: at 64 px it loses the silhouettes' corners. The frame
@@ -78,7 +101,7 @@ BUDGETS: dict[str, TrainConfig] = {
     "recognizer": TrainConfig("recognizer", steps=600, batch=16, lr=2e-4, train_clips=4000),
     "frame_classifier": TrainConfig("frame_classifier", steps=6000, batch=64, lr=2e-3, train_clips=4000),
     "comdefend": TrainConfig("comdefend", steps=800, batch=16, lr=1e-3),
-    "raft": TrainConfig("raft", steps=3000, batch=8, lr=4e-4, train_clips=400, weight_decay=1e-5),  # ~0.27 s/step
+    "raft": TrainConfig("raft", steps=3000, batch=8, lr=4e-4, train_clips=400, weight_decay=1e-5),  # ~0.65 s/step fp32, ~0.44 bf16
 }
 # The UNet needs the VAE; the recogniser is inflated from the frame classifier.
 ORDER = ("vae", "unet", "frame_classifier", "recognizer", "comdefend", "raft")
@@ -129,10 +152,12 @@ def fit(params, cfg: TrainConfig, loss_fn: Callable[[torch.Generator], torch.Ten
         return 0.5 * (1 + math.cos(math.pi * (i - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    low = cfg.compute_precision() == "bf16"
     losses: list[float] = []
-    it = bar(range(cfg.steps), total=cfg.steps, desc=desc, enable=progress)
+    it = bar(range(cfg.steps), total=cfg.steps, desc=f"{desc} ({'bf16' if low else 'fp32'})", enable=progress)
     for _ in it:
-        loss = loss_fn(g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            loss = loss_fn(g).float()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {len(losses)}")
         opt.zero_grad(set_to_none=True)
@@ -250,7 +275,7 @@ def train_vae(cfg, world, data, test, weights_dir, progress):
 
 
 def train_unet(cfg, world, data, test, weights_dir, progress):
-    from ..models.diffusion import VAEEncoder
+    from ..models.diffusion import VAEEncoder, fold_temporal_convs, unfold_temporal_convs
 
     clips, _ = data
     encoder = VAEEncoder(mw.load("vae", weights_dir)).eval()
@@ -265,6 +290,9 @@ def train_unet(cfg, world, data, test, weights_dir, progress):
         return unet
 
     unet = _start("unet", cfg, weights_dir, fresh)
+    # Temporal (3,1,1) convolutions as 2-D ones while training (same parameters; PyTorch's CPU
+    # conv3d is unblocked for them), back to diffusers' Conv3d layout before saving.
+    fold_temporal_convs(unet)
     abar = schedule.alphas_cumprod().float()
 
     def loss_fn(g):
@@ -281,6 +309,7 @@ def train_unet(cfg, world, data, test, weights_dir, progress):
         return F.mse_loss(eps, noise)
 
     losses = fit(unet.parameters(), cfg, loss_fn, "unet", progress)
+    unfold_temporal_convs(unet)
     unet.eval()
     metrics = {"unet_eps_mse_test": round(evaluate.unet_loss(unet, encoder, test[0]), 5),
                "final_train_loss": _tail(losses)}
@@ -391,7 +420,7 @@ def train(cfg: TrainConfig, world: WorldConfig | None = None, weights_dir: str |
             "train_clips": cfg.train_clips, "eval_clips": cfg.eval_clips, "frames": world.frames, "size": world.size,
             "steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed, "crop": cfg.crop,
             "object_weight": cfg.object_weight, "feature_weight": cfg.feature_weight,
-            "freeze_encoder": cfg.freeze_encoder,
+            "freeze_encoder": cfg.freeze_encoder, "precision": cfg.compute_precision(),
             "resumed_from": resumed,
             "train_seconds": round(time.perf_counter() - t0, 1),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",

@@ -162,6 +162,23 @@ def fold_temporal_convs(module: nn.Module) -> int:
     return n
 
 
+def unfold_temporal_convs(module: nn.Module) -> int:
+    """Undo :func:`fold_temporal_convs` in place: every :class:`TemporalConv` becomes a
+    ``Conv3d`` holding the same parameter objects (so a module folded for training ends with
+    its trained weights in the original layout); returns how many."""
+    n = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, TemporalConv):
+                out_c, in_c, k = child.weight.shape[:3]
+                conv = nn.Conv3d(in_c, out_c, (k, 1, 1), padding=(child.pad, 0, 0), bias=child.bias is not None,
+                                 device="meta")
+                conv.weight, conv.bias = child.weight, child.bias
+                setattr(parent, name, conv)
+                n += 1
+    return n
+
+
 class ConstantContextAttention:
     """Attention processor for a cross-attention layer whose context is the baked prompt.
 
