@@ -328,10 +328,33 @@ def test_training_through_folded_convs_updates_the_original_layout():
     assert unfold_temporal_convs(unet) == 0
 
 
+@pytest.mark.parametrize("keys", [16, 77, 196])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_matches_sdpa_for_short_and_long_keys(keys, dtype):
+    from vpure.runtime.models.diffusion import SHORT_KEYS, attend
+
+    g = torch.Generator().manual_seed(keys)
+    q, k, v = (torch.randn(3, 4, n, 8, generator=g).to(dtype).requires_grad_(True) for n in (49, keys, keys))
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.detach().double() for t in (q, k, v)))
+    out = attend(q, k, v)
+    assert out.dtype == dtype and out.shape == (3, 4, 49, 8)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_close(out.double(), ref, atol=tol, rtol=tol)
+    if keys <= SHORT_KEYS and dtype == torch.bfloat16:  # fp32 softmax: only the output's rounding is left
+        assert (out.double() - ref).abs().max() <= 2 * (ref.abs().max() * 2 ** -8)
+    out.float().square().sum().backward()
+    qr, kr, vr = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    torch.nn.functional.scaled_dot_product_attention(qr, kr, vr).square().sum().backward()
+    gtol = 1e-4 if dtype == torch.float32 else 1e-1
+    for a, b in ((q, qr), (k, kr), (v, vr)):
+        assert_close(a.grad.double(), b.grad, atol=gtol, rtol=gtol)
+
+
 def test_inference_rewrites_compute_the_same_unet_and_keep_gradients():
     import copy
 
-    from vpure.runtime.models.diffusion import ConstantContextAttention, eps_fn_of, optimise_for_inference
+    from vpure.runtime.models.diffusion import (ConstantContextAttention, LeanSelfAttention, eps_fn_of,
+                                                optimise_for_inference)
 
     unet = _tiny_eps_unet()
     fast = copy.deepcopy(unet)
@@ -345,6 +368,8 @@ def test_inference_rewrites_compute_the_same_unet_and_keep_gradients():
         for t in (101, 41):
             assert_close(eps_fn_of(fast)(z, t), eps_fn_of(unet)(z, t), atol=2e-5, rtol=1e-5)
     assert all(p.hits == 2 and p.projections == 1 for p in procs)  # two calls, the prompt projected once
+    lean = [m.processor for m in fast.unet.modules() if isinstance(getattr(m, "processor", None), LeanSelfAttention)]
+    assert len(lean) == done["self_attention"] > 0 and all(p.hits == 2 for p in lean)
     zg = z.clone().requires_grad_(True)
     zr = z.clone().requires_grad_(True)
     eps_fn_of(fast)(zg, 41).square().sum().backward()
