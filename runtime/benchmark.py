@@ -50,15 +50,34 @@ class Row:
 
 
 def machine_id() -> str:
-    cpu = platform.processor() or platform.machine()
+    """CPU model, core count and the vector ISA torch dispatches to, e.g. ``AMD EPYC x2
+    (family 25 model 1, AVX2)``: virtual machines often name only the vendor line, and the
+    same line spans generations with and without AVX-512 or native bf16."""
+    import torch
+
+    from .precision import native_bf16
+
+    cpu, fam = platform.processor() or platform.machine(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name":
+                cpu = value.strip()
+            elif key in ("cpu family", "model") and key not in fam:
+                fam[key] = value.strip()
+            elif not line.strip():
                 break
     except OSError:
         pass
-    return f"{cpu} x{os.cpu_count()}"
+    isa = [f"family {fam['cpu family']} model {fam['model']}"] if len(fam) == 2 else []
+    try:
+        isa.append(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        pass
+    if native_bf16():
+        isa.append("native bf16")
+    return f"{cpu} x{os.cpu_count()}" + (f" ({', '.join(isa)})" if isa else "")
 
 
 def device_name(device: str = "cpu") -> str:

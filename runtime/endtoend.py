@@ -24,9 +24,13 @@ import torch
 
 from . import benchmark, presets
 from .errors import ConfigError
+from .log import get_logger
+from .precision import EMULATED_BF16, native_bf16
 
 STAGES = ("decode", "detect", "flow", "vae_encode", "unet_invert", "unet_denoise", "unet", "sto_and_schedule",
           "vae_decode", "recognize", "vote")
+
+log = get_logger(__name__)
 
 
 def encode_clip(clip: torch.Tensor, path: Path, fps: int = 25) -> Path:
@@ -119,6 +123,9 @@ def cases_for(name: str, m, backends: list[str], precisions: list[str], device: 
             elif backend == "torch" and p in ("bf16", "fp16"):
                 if (p == "fp16") != (device == "cuda"):
                     continue  # bf16 is the CPU's low precision, fp16 the GPU's
+                if p == "bf16" and not native_bf16():
+                    log.warning("bench %s: torch bf16 skipped: %s", name, EMULATED_BF16)
+                    continue
                 dt = torch.bfloat16 if p == "bf16" else torch.float16
                 m16 = presets.build(name, device=device, dtype=dt)
                 optimise_for_inference(m16.unet)

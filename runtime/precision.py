@@ -11,6 +11,21 @@ from .config import ConfigBase, check
 from .errors import ConfigError
 
 
+def native_bf16() -> bool:
+    """Whether this CPU runs bf16 convolutions and matmuls natively (oneDNN's check: AVX512-BF16
+    or AMX). Without it PyTorch emulates bf16 on CPU, an order of magnitude slower than fp32."""
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+EMULATED_BF16 = ("this CPU has no native bf16 (AVX512-BF16 or AMX); PyTorch emulates it, "
+                 "an order of magnitude slower than fp32")
+
+
 class Precision(str, enum.Enum):
     FP32 = "fp32"
     FP16 = "fp16"

@@ -274,3 +274,31 @@ def test_deployment_scale_clean_route_benchmark_runs(tmp_path):
 
     rows = bench_clean_route_deploy(iters=1, frames=8, size=64, gate_size=32, csv_path=tmp_path / "r.csv")
     assert [r.parity for r in rows[1:]] == ["same label", "same label"]
+
+
+def test_emulated_bf16_is_skipped_by_the_benchmark_and_warned_by_the_torch_backend(monkeypatch, caplog):
+    """On a CPU without native bf16, PyTorch emulates it (an order of magnitude slower than
+    fp32): `vpure bench` leaves the case out saying why, and a bf16 torch component warns."""
+    import logging
+
+    from vpure.runtime import endtoend, presets, registry
+    from vpure.runtime.backends import torch_backend
+    from vpure.runtime.precision import Precision
+
+    monkeypatch.setattr(endtoend, "native_bf16", lambda: False)
+    monkeypatch.setattr(torch_backend, "native_bf16", lambda: False)
+    m = presets.build("tiny")
+    with caplog.at_level(logging.WARNING, logger="vpure"):
+        cases = endtoend.cases_for("tiny", m, ["torch"], ["fp32", "bf16"], "cpu", None)
+    assert [c[0] for c in cases] == ["torch fp32"]
+    assert "torch bf16 skipped" in caplog.text and "no native bf16" in caplog.text
+    caplog.clear()
+    spec = registry.get("frame_classifier")
+    with caplog.at_level(logging.WARNING, logger="vpure"):
+        torch_backend.TorchBackend(spec, spec.build(), Precision.BF16)
+    assert "runs in bf16" in caplog.text
+    monkeypatch.setattr(torch_backend, "native_bf16", lambda: True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vpure"):
+        torch_backend.TorchBackend(spec, spec.build(), Precision.BF16)
+    assert caplog.text == ""

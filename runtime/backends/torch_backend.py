@@ -7,10 +7,13 @@ from typing import Any
 import torch
 
 from ..errors import BackendUnavailable, ConfigError
-from ..precision import Precision
+from ..log import get_logger
+from ..precision import EMULATED_BF16, Precision, native_bf16
 from ..registry import ComponentSpec
 from ..runconfig import ComponentChoice
 from .base import check_inputs
+
+log = get_logger(__name__)
 
 
 class TorchBackend:
@@ -26,6 +29,8 @@ class TorchBackend:
         self.spec = spec
         self.precision = precision
         self.device = torch.device(device)
+        if precision is Precision.BF16 and self.device.type == "cpu" and not native_bf16():
+            log.warning("component %r runs in bf16, but %s; fp32 is faster here", spec.name, EMULATED_BF16)
         self.dtype = precision.torch_dtype
         self.module = module.to(self.device, self.dtype).eval()
 

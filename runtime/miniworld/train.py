@@ -25,6 +25,7 @@ from ..config import ConfigBase, check
 from ..env import read_environment
 from ..log import get_logger
 from ..log import progress as bar
+from ..precision import EMULATED_BF16, native_bf16
 from . import evaluate
 from . import models as mw
 from .dataset import WorldConfig, make_clip, make_split
@@ -78,14 +79,6 @@ class TrainConfig(ConfigBase):
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def native_bf16() -> bool:
-    """Whether this CPU runs bf16 convolutions and matmuls natively (oneDNN's check)."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 # Budgets measured on a 2-vCPU AMD EPYC (see each model card for the wall time).
@@ -155,6 +148,8 @@ def fit(params, cfg: TrainConfig, loss_fn: Callable[[torch.Generator], torch.Ten
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     low = cfg.compute_precision() == "bf16"
+    if low and not native_bf16():
+        log.warning("%s: --precision bf16 asked, but %s; `auto` would train in fp32", desc, EMULATED_BF16)
     losses: list[float] = []
     it = bar(range(cfg.steps), total=cfg.steps, desc=f"{desc} ({'bf16' if low else 'fp32'})", enable=progress)
     for _ in it:
