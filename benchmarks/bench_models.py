@@ -1,7 +1,10 @@
 """Forward latency per registered component (tiny configs) and the real-size recognisers and
-flow networks at one clip, torch eager fp32 on this machine.
+flow networks at one clip, torch eager fp32 on this machine; ``--conv3d`` times each 3-D
+recogniser on one clip with PyTorch's own Conv3d kernel choice against BlockedConv3d (every
+layer on oneDNN), interleaved, logits compared.
 
-Run from the repository root:  .venv/bin/python -m benchmarks.bench_models [--tiny-only] [--csv PATH]
+Run from the repository root:
+  .venv/bin/python -m benchmarks.bench_models [--tiny-only] [--conv3d] [--csv PATH]
 """
 
 from __future__ import annotations
@@ -36,11 +39,58 @@ def _real_size():
         print(f"videomae skipped: {e}")
 
 
+def _recognisers_for_conv3d():
+    from vpure.runtime.miniworld.models import load
+    from vpure.runtime.models.i3d import i3d_nl5_resnet50
+    from vpure.runtime.models.slowfast import slowfast_r50
+
+    g = torch.Generator().manual_seed(0)
+    yield "mini-world I3D (basic blocks), 16x64x64", load("recognizer").eval(), torch.rand(1, 3, 16, 64, 64, generator=g)
+    yield "i3d_nl5_r50, 32x112x112", i3d_nl5_resnet50(400).eval(), torch.rand(1, 3, 32, 112, 112, generator=g)
+    yield "i3d_nl5_r50, 32x224x224", i3d_nl5_resnet50(400).eval(), torch.rand(1, 3, 32, 224, 224, generator=g)
+    yield "slowfast_r50, 32x224x224", slowfast_r50(400).eval(), torch.rand(1, 3, 32, 224, 224, generator=g)
+
+
+def bench_conv3d(csv_path=None, iters: int = 5) -> list:
+    """Each recogniser on one clip: PyTorch's kernel choice (slow_conv3d below its size
+    threshold) against :class:`BlockedConv3d`, timed in interleaved rounds."""
+    import copy
+
+    from vpure.runtime.models.conv import restore_conv3d, use_blocked_conv3d
+
+    rows = []
+    for name, module, clip in _recognisers_for_conv3d():
+        restore_conv3d(module)
+        blocked = copy.deepcopy(module)
+        n = use_blocked_conv3d(blocked)
+
+        def call(m, x=clip):
+            with torch.inference_mode():
+                return m(x)
+
+        def parity(out, ref):
+            d = (out - ref).abs().max().item()
+            assert d < 1e-3 * max(1.0, ref.abs().max().item()), f"logits differ by {d}"
+            return f"max|dlogit|={d:.1e}"
+
+        small = clip.shape[-1] <= 112
+        rows += benchmark.run("conv3d_backend", f"{name}, one clip, {n} Conv3d layers",
+                              benchmark.Case("nn.Conv3d (PyTorch's choice)", lambda m=module: call(m)),
+                              [benchmark.Case("BlockedConv3d (oneDNN)", lambda m=blocked: call(m), parity)],
+                              csv_path=csv_path, interleave=True, warmup=2 if small else 1,
+                              min_iters=20 if small else iters, min_time_s=0.0)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny-only", action="store_true")
+    p.add_argument("--conv3d", action="store_true", help="only the Conv3d kernel comparison")
     p.add_argument("--csv", default="benchmarks/results/results.csv")
     args = p.parse_args(argv)
+    if args.conv3d:
+        bench_conv3d(args.csv)
+        return
     for spec in registry.components():
         module = spec.build(seed=0)
         inputs = spec.sample_inputs(seed=0)

@@ -308,6 +308,7 @@ def bench_clean_route_deploy(iters: int = 5, frames: int = 32, size: int = 224, 
     stream of windows overlapping by half (CachedFrameLogits). The thresholds are set to 1 so
     that every clip takes the clean route, whatever the random gate says."""
     from .detect import DetectionConfig
+    from .models.conv import use_blocked_conv3d
     from .models.frame_classifier import FrameClassifier
     from .models.i3d import i3d_resnet50
     from .runner import CachedFrameLogits
@@ -315,6 +316,7 @@ def bench_clean_route_deploy(iters: int = 5, frames: int = 32, size: int = 224, 
 
     torch.manual_seed(0)
     rec = i3d_resnet50(num_classes=400).eval()
+    use_blocked_conv3d(rec)  # as vpure run's torch path loads it (runner.load_components)
     gate = FrameClassifier(num_classes=400).eval()
     cfg = ShieldConfig(detection=DetectionConfig(gamma1=1.0, gamma2=1.0, frame_size=gate_size), dense="comdefend")
     identity = torch.nn.Identity()  # the dense route is never taken here

@@ -104,6 +104,11 @@ def load_components(cfg: RunConfig) -> Components:
     else:
         comps = Components(*(registry.get(r).build(seed=0) for r in REGISTRY_NAMES.values()),
                            specs={r: registry.get(r) for r in REGISTRY_NAMES.values()})
+    rec_choice = cfg.runtime.components.get(REGISTRY_NAMES["recognizer"])
+    if isinstance(comps.recognizer, torch.nn.Module) and (rec_choice is None or rec_choice.backend == "torch"):
+        from .models.conv import use_blocked_conv3d
+
+        use_blocked_conv3d(comps.recognizer)  # batch-1 clips would otherwise hit slow_conv3d on CPU
     unet_choice = cfg.runtime.components.get(REGISTRY_NAMES["unet"])
     if isinstance(comps.unet, torch.nn.Module) and (unet_choice is None or unet_choice.backend == "torch"):
         from .models.diffusion import EpsUNet, fold_temporal_convs, optimise_for_inference

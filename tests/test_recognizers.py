@@ -189,3 +189,45 @@ def test_recognizer_batch_invariance(name):
     with torch.inference_mode():
         both = m(x)
         assert torch.allclose(m(x[:1])[0], both[0], atol=1e-5) and torch.allclose(m(x[1:])[0], both[1], atol=1e-5)
+
+
+def test_blocked_conv3d_runs_batch_1_clips_through_onednn_with_the_same_outputs_and_gradients(monkeypatch, tmp_path):
+    """PyTorch sends small batch-1 3-D convolutions to slow_conv3d on CPU; BlockedConv3d
+    sends them to oneDNN, computing the same function, and steps aside for ONNX export."""
+    import copy
+
+    from vpure.runtime.models.conv import BlockedConv3d, restore_conv3d, use_blocked_conv3d
+    from vpure.runtime.models.i3d import I3DResNet
+
+    torch.manual_seed(0)
+    plain = I3DResNet(5, block="basic", blocks=(1, 1), inflate=((1,), (1,)), nonlocal_=((0,), (1,)),
+                      base_width=8, stem_pool=False).eval()
+    x = torch.rand(1, 3, 8, 32, 32)
+    c = plain.res_layers[0][0].conv1
+    hit = torch._C._select_conv_backend(torch.rand(1, 8, 4, 16, 16), c.weight, c.bias, c.stride, c.padding,
+                                        c.dilation, False, (0, 0, 0), c.groups, None)
+    assert str(hit).endswith("Slow3d")  # what the blocked layers avoid
+    blocked = copy.deepcopy(plain)
+    n = use_blocked_conv3d(blocked)
+    assert n == sum(isinstance(m, torch.nn.Conv3d) for m in plain.modules()) and n > 5
+    assert all(isinstance(m, torch.nn.Conv3d) for m in blocked.modules() if isinstance(m, BlockedConv3d))
+    assert blocked.state_dict().keys() == plain.state_dict().keys()
+    calls = {"n": 0}
+    real = torch.mkldnn_convolution
+
+    def counting(*a):
+        calls["n"] += 1
+        return real(*a)
+
+    monkeypatch.setattr(torch, "mkldnn_convolution", counting)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = plain(xa), blocked(xb)
+    assert calls["n"] == n
+    assert torch.allclose(ya, yb, atol=1e-5)
+    ya.square().sum().backward(), yb.square().sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-6, rtol=1e-4)
+    # ONNX export traces nn.Conv3d's own path: a standard Conv node, no oneDNN call
+    calls["n"] = 0
+    torch.onnx.export(blocked, (x,), str(tmp_path / "b.onnx"), opset_version=17, dynamo=False)
+    assert calls["n"] == 0
+    assert restore_conv3d(blocked) == n and not any(isinstance(m, BlockedConv3d) for m in blocked.modules())

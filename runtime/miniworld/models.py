@@ -193,9 +193,16 @@ class MiniWorld:
 
 
 def load_world(weights_dir: str | Path | None = None) -> MiniWorld:
+    """The six shipped (or ``weights_dir``'s) networks in eval mode. The recogniser's 3-D
+    convolutions run through oneDNN on CPU (:func:`~vpure.runtime.models.conv.use_blocked_conv3d`:
+    one 16-frame 64-pixel clip is below PyTorch's size threshold for it); its state dict and
+    gradients are unchanged."""
+    from ..models.conv import use_blocked_conv3d
     from ..models.diffusion import VAEDecoder, VAEEncoder
 
     vae = load("vae", weights_dir)
+    recognizer = load("recognizer", weights_dir)
+    use_blocked_conv3d(recognizer)
     return MiniWorld(load("unet", weights_dir), VAEEncoder(vae).eval(), VAEDecoder(vae).eval(),
-                     load("recognizer", weights_dir), load("frame_classifier", weights_dir),
+                     recognizer, load("frame_classifier", weights_dir),
                      load("comdefend", weights_dir), load("raft", weights_dir))
