@@ -17,6 +17,7 @@ def test_info_json_reports_native(tmp_path):
     assert info["backends"]["torch"]["available"]
     assert {c["name"] for c in info["components"]} >= {"unet", "vae_encoder", "vae_decoder"}
     assert "torch" in info["packages"]
+    assert info["cpu"]["threads"] >= 1 and isinstance(info["cpu"]["native_bf16"], bool) and info["cpu"]["machine"]
 
 
 def test_info_report_and_errors(tmp_path, capsys):

@@ -44,7 +44,9 @@ def collect() -> dict[str, Any]:
     from vpure import kernels
     from vpure.runtime import registry
     from vpure.runtime.backends import backend_names
+    from vpure.runtime.benchmark import machine_id
     from vpure.runtime.env import read_environment
+    from vpure.runtime.precision import native_bf16
 
     cuda = torch.cuda.is_available()
     native = kernels.native()
@@ -53,6 +55,7 @@ def collect() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": {p: v for p in _PACKAGES if (v := package_version(p)) is not None},
+        "cpu": {"machine": machine_id(), "threads": torch.get_num_threads(), "native_bf16": native_bf16()},
         "cuda": {"available": cuda, "torch_cuda": torch.version.cuda,
                  "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []},
         "backends": {"torch": {"available": True, "devices": ["cpu"] + (["cuda"] if cuda else [])},
@@ -76,6 +79,9 @@ def render(info: dict[str, Any]) -> str:
     lines = [f"vpure {info['packages'].get('vpure', '?')}  (python {info['python']}, {info['platform']})", "",
              "packages:"]
     lines += [f"  {k:<24} {v}" for k, v in info["packages"].items()]
+    cpu = info["cpu"]
+    lines += ["", f"cpu: {cpu['machine']}, torch threads {cpu['threads']}, bf16 "
+                  f"{'native' if cpu['native_bf16'] else 'emulated (choose fp32 on this CPU)'}"]
     cuda = info["cuda"]
     lines += ["", f"cuda: {'yes ' + ', '.join(cuda['devices']) if cuda['available'] else 'no'}"
                   f" (torch built for CUDA {cuda['torch_cuda']})", "", "backends:"]
