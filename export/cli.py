@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="int8 calibration samples: 'random' (declared input ranges) or 'clips:DIR' (videos in DIR)")
     p.add_argument("--calib-count", type=int, default=16, help="int8 calibration sample count (default 16)")
     p.add_argument("--calib-method", default="minmax", choices=("minmax", "entropy", "percentile"))
+    p.add_argument("--int8-full-range", action="store_true",
+                   help="8-bit int8 weights (default 7-bit: x86 CPUs without VNNI saturate with 8-bit weights); "
+                        "only for boxes known to have VNNI, ARM or TensorRT")
     p.add_argument("--tensorrt", action="store_true",
                    help="also build TensorRT engines (needs tensorrt and a CUDA GPU; skipped with the reason otherwise)")
     p.add_argument("--clip", type=Path, help="video for the UNet's effect on the VideoPure members (default: synthetic)")
@@ -114,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         if not sep:
             raise ConfigError(f"--checkpoint {item!r} must be NAME=PATH")
         ckpts[name] = Path(path)
-    recipe = CalibrationRecipe(source=args.calibration, count=args.calib_count, method=args.calib_method)
+    recipe = CalibrationRecipe(source=args.calibration, count=args.calib_count, method=args.calib_method,
+                               reduce_range=not args.int8_full_range)
     if args.miniworld:
         specs, modules = _miniworld([s.name for s in specs])
     else:

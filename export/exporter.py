@@ -105,7 +105,7 @@ def _to_int8(spec: ComponentSpec, model: onnx.ModelProto, recipe: CalibrationRec
     extra = {"CalibPercentile": recipe.percentile} if recipe.method == "percentile" else {}
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # ORT's quantizer chats on root
     quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=method,
+                    weight_type=QuantType.QInt8, calibrate_method=method, reduce_range=recipe.reduce_range,
                     nodes_to_exclude=[n.name for n in model.graph.node if _int8_float(spec, n)],
                     extra_options=extra)
     return onnx.load(str(dst))

@@ -237,3 +237,23 @@ def test_unet_member_effect_report(engines):
                            registry.get("vae_decoder").build(seed=0), rec, clip)
     assert e["members"] == 7 and e["members_agree"] == 7 and e["label_engine"] == e["label_torch"]
     assert e["max_logit_diff"] < 1e-3 and e["frames_sqnr_db"] > 60
+
+
+def test_int8_weights_are_7_bit_by_default_so_non_vnni_cpus_cannot_saturate(tmp_path):
+    """x86 int8 kernels without VNNI sum u8 x s8 products in 16-bit pairs; 7-bit weights
+    (reduce_range, the recipe's default) keep every pair sum in range. The choice is part of
+    the recipe id, so artefacts of the two kinds never stand in for each other."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from vpure.export import export_component
+    from vpure.runtime import registry
+    from vpure.runtime.precision import CalibrationRecipe
+
+    assert CalibrationRecipe().reduce_range and CalibrationRecipe().id != CalibrationRecipe(reduce_range=False).id
+    spec = registry.get("frame_classifier")
+    path = export_component(spec, spec.build(seed=0), tmp_path, "int8", calibration=CalibrationRecipe(count=2))
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and t.dims]
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64
