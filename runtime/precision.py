@@ -22,6 +22,22 @@ def native_bf16() -> bool:
         return False
 
 
+def x86_without_vnni() -> bool:
+    """True on an x86 CPU whose flags lack AVX512-VNNI and AVX-VNNI: its int8 kernels add
+    u8 x s8 products in saturating 16-bit pairs (see ``CalibrationRecipe.reduce_range``).
+    False elsewhere, or where /proc/cpuinfo cannot be read."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return False
+    return flags is not None and not ({"avx512_vnni", "avx_vnni"} & set(flags))
+
+
 EMULATED_BF16 = ("this CPU has no native bf16 (AVX512-BF16 or AMX); PyTorch emulates it, "
                  "an order of magnitude slower than fp32")
 

@@ -257,3 +257,26 @@ def test_int8_weights_are_7_bit_by_default_so_non_vnni_cpus_cannot_saturate(tmp_
     weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
                if t.data_type == onnx.TensorProto.INT8 and t.dims]
     assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64
+
+
+def test_full_range_int8_artefact_on_a_cpu_without_vnni_warns(tmp_path, monkeypatch, caplog):
+    from vpure.runtime.backends import ort_backend
+    from vpure.runtime.precision import CalibrationRecipe, Precision, x86_without_vnni
+
+    assert isinstance(x86_without_vnni(), bool)
+    spec = registry.get("frame_classifier")
+    recipe = CalibrationRecipe(count=2)
+    path = export_component(spec, spec.build(seed=0), tmp_path, "int8", calibration=recipe)
+    real = ort_backend.verify
+
+    def full_range(*a, **k):  # as if exported with --int8-full-range (which fails parity on AVX2 itself)
+        side = real(*a, **k)
+        return {**side, "calibration": {**side["calibration"], "reduce_range": False}}
+
+    monkeypatch.setattr(ort_backend, "verify", full_range)
+    for no_vnni in (True, False):
+        monkeypatch.setattr(ort_backend, "x86_without_vnni", lambda v=no_vnni: v)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="vpure"):
+            ort_backend.OrtBackend(spec, path, Precision.INT8, recipe)
+        assert ("no VNNI" in caplog.text) == no_vnni

@@ -19,7 +19,7 @@ import torch
 from ..artifacts import find_artifact, verify
 from ..errors import BackendUnavailable, ConfigError
 from ..log import get_logger
-from ..precision import Precision
+from ..precision import Precision, x86_without_vnni
 from ..registry import ComponentSpec
 from ..runconfig import ComponentChoice
 from .base import OutputBuffers, check_inputs, check_profile
@@ -51,6 +51,11 @@ class OrtBackend:
 
         self.spec, self.precision, self.path = spec, precision, path
         self.sidecar = verify(path, spec, precision, recipe)
+        cal = self.sidecar.get("calibration") or {}
+        if (precision is Precision.INT8 and torch.device(device).type == "cpu" and cal.get("reduce_range") is False
+                and x86_without_vnni()):
+            log.warning("%s: %s has 8-bit int8 weights, and this x86 CPU has no VNNI: its int8 kernels saturate "
+                        "with them (re-export without --int8-full-range for 7-bit weights)", spec.name, path.name)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # the optimiser's notes on unused initialisers are noise at run time
