@@ -56,11 +56,10 @@ def bench_conv3d(csv_path=None, iters: int = 5) -> list:
     threshold) against :class:`BlockedConv3d`, timed in interleaved rounds."""
     import copy
 
-    from vpure.runtime.models.conv import restore_conv3d, use_blocked_conv3d
+    from vpure.runtime.models.conv import use_blocked_conv3d
 
     rows = []
     for name, module, clip in _recognisers_for_conv3d():
-        restore_conv3d(module)
         blocked = copy.deepcopy(module)
         n = use_blocked_conv3d(blocked)
 

@@ -55,22 +55,12 @@ def machine_id() -> str:
     same line spans generations with and without AVX-512 or native bf16."""
     import torch
 
+    from .env import cpuinfo
     from .precision import native_bf16
 
-    cpu, fam = platform.processor() or platform.machine(), {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name":
-                cpu = value.strip()
-            elif key in ("cpu family", "model") and key not in fam:
-                fam[key] = value.strip()
-            elif not line.strip():
-                break
-    except OSError:
-        pass
-    isa = [f"family {fam['cpu family']} model {fam['model']}"] if len(fam) == 2 else []
+    info = cpuinfo()
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    isa = [f"family {info['cpu family']} model {info['model']}"] if "cpu family" in info and "model" in info else []
     try:
         isa.append(torch.backends.cpu.get_cpu_capability())
     except (AttributeError, RuntimeError):

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,3 +62,20 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         progress=progress,
         num_threads=threads,
     )
+
+
+@functools.lru_cache(maxsize=1)
+def cpuinfo() -> dict[str, str]:
+    """The first processor's block of ``/proc/cpuinfo`` (``model name``, ``cpu family``,
+    ``model``, ``flags``, ...); empty where it cannot be read. Read once per process."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return info

@@ -28,14 +28,12 @@ def x86_without_vnni() -> bool:
     False elsewhere, or where /proc/cpuinfo cannot be read."""
     import platform
 
+    from .env import cpuinfo
+
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        return False
-    return flags is not None and not ({"avx512_vnni", "avx_vnni"} & set(flags))
+    flags = cpuinfo().get("flags")
+    return flags is not None and not ({"avx512_vnni", "avx_vnni"} & set(flags.split()))
 
 
 EMULATED_BF16 = ("this CPU has no native bf16 (AVX512-BF16 or AMX); PyTorch emulates it, "

@@ -3,9 +3,9 @@
 PyTorch picks a CPU convolution kernel per call with a heuristic written for images: a
 batch-1 input whose ``N*C*D*H`` is at most 20480, with kernels no wider than 3, goes to
 ``slow_conv3d`` (an unblocked im2col loop) instead of oneDNN. A recogniser on one clip of
-16 frames at 64 px meets that rule in almost every layer: the mini-world I3D runs 1.8x
-faster with every layer on oneDNN (measured on 2 AMD EPYC vCPUs, same logits to 1.5e-6,
-gradients to 1e-8). At deployment scale (224 px) most layers are above the threshold.
+16 frames at 64 px meets that rule in almost every layer: the mini-world I3D runs 1.6-2.0x
+faster with every layer on oneDNN (``python -m benchmarks.bench_models --conv3d``; 2 AMD EPYC
+vCPUs; same logits to 1e-6, gradients to 1e-8). At 224 px most layers are above the threshold.
 
 :func:`use_blocked_conv3d` switches the ``Conv3d`` layers of a module to
 :class:`BlockedConv3d` in place (same parameters, same state dict, still ``nn.Conv3d``);

@@ -197,6 +197,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.matmul(scores.softmax(-1), vf).to(q.dtype)
 
 
+def _plain(attn, hidden_states, attention_mask) -> bool:
+    """Whether an ``Attention`` call is the plain case the lean processors compute: (B, L, C)
+    hidden states, no mask, no spatial/group/q/k norms, no residual connection."""
+    return (attention_mask is None and hidden_states.ndim == 3 and attn.spatial_norm is None
+            and attn.group_norm is None and attn.norm_q is None and attn.norm_k is None
+            and not attn.residual_connection)
+
+
+def _attend_heads(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, heads, L, hd) queries, keys and values -> the layer's output: :func:`attend`, heads
+    merged, the output projection and dropout, diffusers' output rescale."""
+    b, heads, _, hd = q.shape
+    out = attend(q, k, v).transpose(1, 2).reshape(b, -1, heads * hd)
+    return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+
 class LeanSelfAttention:
     """Attention processor for a self-attention layer on the torch inference path: diffusers'
     ``AttnProcessor2_0`` arithmetic with :func:`attend` (short key sequences, i.e. UNet3D's
@@ -211,18 +227,14 @@ class LeanSelfAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        if (encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3
-                or attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_q is not None
-                or attn.norm_k is not None or attn.residual_connection):
+        if encoder_hidden_states is not None or not _plain(attn, hidden_states, attention_mask):
             return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         self.hits += 1
         b = hidden_states.shape[0]
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         hd = k.shape[-1] // attn.heads
         q, k, v = (t.view(b, -1, attn.heads, hd).transpose(1, 2) for t in (q, k, v))
-        out = attend(q, k, v).transpose(1, 2).reshape(b, -1, attn.heads * hd).to(q.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        return out / attn.rescale_output_factor
+        return _attend_heads(attn, q, k, v)
 
 
 class ConstantContextAttention:
@@ -250,9 +262,7 @@ class ConstantContextAttention:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         ctx = self.prompt()
-        if (encoder_hidden_states is None or attention_mask is not None or hidden_states.ndim != 3
-                or attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_q is not None
-                or attn.norm_k is not None or attn.residual_connection
+        if (encoder_hidden_states is None or not _plain(attn, hidden_states, attention_mask)
                 or encoder_hidden_states.shape[1:] != ctx.shape[1:]
                 or (torch.is_grad_enabled() and (ctx.requires_grad or attn.to_k.weight.requires_grad
                                                  or attn.to_v.weight.requires_grad))
@@ -277,9 +287,7 @@ class ConstantContextAttention:
         k, v = (t.expand(b, -1, -1, -1) for t in self._kv)
         hd = k.shape[-1]
         q = attn.to_q(hidden_states).view(b, -1, attn.heads, hd).transpose(1, 2)
-        out = attend(q, k, v).transpose(1, 2).reshape(b, -1, attn.heads * hd).to(q.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        return out / attn.rescale_output_factor
+        return _attend_heads(attn, q, k, v)
 
 
 def optimise_for_inference(eps_unet: "EpsUNet") -> dict[str, int]:
