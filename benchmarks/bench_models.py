@@ -1,10 +1,11 @@
 """Forward latency per registered component (tiny configs) and the real-size recognisers and
 flow networks at one clip, torch eager fp32 on this machine; ``--conv3d`` times each 3-D
 recogniser on one clip with PyTorch's own Conv3d kernel choice against BlockedConv3d (every
-layer on oneDNN), interleaved, logits compared.
+layer on oneDNN), ``--conv-layout`` the recognisers and frame classifiers with default against
+channels-last convolution weights; both interleaved, logits compared.
 
 Run from the repository root:
-  .venv/bin/python -m benchmarks.bench_models [--tiny-only] [--conv3d] [--csv PATH]
+  .venv/bin/python -m benchmarks.bench_models [--tiny-only] [--conv3d] [--conv-layout] [--csv PATH]
 """
 
 from __future__ import annotations
@@ -81,14 +82,72 @@ def bench_conv3d(csv_path=None, iters: int = 5) -> list:
     return rows
 
 
+def _networks_for_layout():
+    from vpure.runtime.miniworld.models import load
+    from vpure.runtime.models.conv import use_blocked_conv3d
+    from vpure.runtime.models.frame_classifier import FrameClassifier
+    from vpure.runtime.models.i3d import i3d_nl5_resnet50
+
+    g = torch.Generator().manual_seed(0)
+    rec = load("recognizer").eval()
+    use_blocked_conv3d(rec)
+    yield "mini-world I3D, 16x64x64", rec, torch.rand(1, 3, 16, 64, 64, generator=g)
+    gate = load("frame_classifier").eval()
+    for t in (1, 8, 16):
+        yield f"mini-world frame classifier, {t} frame(s) 64x64", gate, torch.rand(1, 3, t, 64, 64, generator=g)
+    for size in (112, 224):
+        rec = i3d_nl5_resnet50(400).eval()
+        use_blocked_conv3d(rec)
+        yield f"i3d_nl5_r50, 32x{size}x{size}", rec, torch.rand(1, 3, 32, size, size, generator=g)
+    gate = FrameClassifier(num_classes=400).eval()
+    for t in (1, 16):
+        yield f"ResNet-18 frame classifier, {t} frame(s) 112x112", gate, torch.rand(1, 3, t, 112, 112, generator=g)
+
+
+def bench_conv_layout(csv_path=None, iters: int = 5) -> list:
+    """Each recogniser and frame classifier as ``vpure run`` loads it on CPU, with its
+    convolution weights in PyTorch's default layout against channels-last
+    (:func:`use_channels_last`), timed in interleaved rounds."""
+    import copy
+
+    from vpure.runtime.models.conv import use_channels_last
+
+    rows = []
+    for name, module, clip in _networks_for_layout():
+        nhwc = copy.deepcopy(module)
+        n = use_channels_last(nhwc)
+
+        def call(m, x=clip):
+            with torch.inference_mode():
+                return m(x)
+
+        def parity(out, ref):
+            d = (out - ref).abs().max().item()
+            assert d < 1e-3 * max(1.0, ref.abs().max().item()), f"logits differ by {d}"
+            return f"max|dlogit|={d:.1e}"
+
+        small = clip.shape[-1] <= 112 and clip.shape[2] <= 16
+        rows += benchmark.run("conv_layout", f"{name}, {n} conv layers",
+                              benchmark.Case("default layout", lambda m=module: call(m)),
+                              [benchmark.Case("channels-last weights", lambda m=nhwc: call(m), parity)],
+                              csv_path=csv_path, interleave=True, warmup=2 if small else 1,
+                              min_iters=40 if small else iters, min_time_s=0.0)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny-only", action="store_true")
     p.add_argument("--conv3d", action="store_true", help="only the Conv3d kernel comparison")
+    p.add_argument("--conv-layout", action="store_true",
+                   help="only the convolution weight layout comparison (default vs channels-last)")
     p.add_argument("--csv", default="benchmarks/results/results.csv")
     args = p.parse_args(argv)
     if args.conv3d:
         bench_conv3d(args.csv)
+        return
+    if args.conv_layout:
+        bench_conv_layout(args.csv)
         return
     for spec in registry.components():
         module = spec.build(seed=0)

@@ -34,6 +34,8 @@ class Case:
     # parity(output, reference_output) -> short text ("exact", "max|d|=3e-7"); raise on failure.
     parity: Callable[[Any, Any], str] | None = None
     note: str = ""
+    # Untimed work before every call of fn (state the timed call starts from).
+    setup: Callable[[], Any] | None = None
 
 
 @dataclass
@@ -94,14 +96,22 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _no_setup() -> None:
+    return None
+
+
 def time_fn(fn: Callable[[], Any], *, device: str = "cpu", warmup: int = 2, min_iters: int = 5,
-            min_time_s: float = 0.5, max_iters: int = 1000) -> list[float]:
+            min_time_s: float = 0.5, max_iters: int = 1000, setup: Callable[[], Any] | None = None) -> list[float]:
+    setup = setup or _no_setup
     for _ in range(warmup):
+        setup()
         fn()
     _sync(device)
     samples: list[float] = []
     start = time.perf_counter()
     while len(samples) < max_iters and (len(samples) < min_iters or time.perf_counter() - start < min_time_s):
+        setup()
+        _sync(device)
         t0 = time.perf_counter()
         fn()
         _sync(device)
@@ -110,17 +120,23 @@ def time_fn(fn: Callable[[], Any], *, device: str = "cpu", warmup: int = 2, min_
 
 
 def time_interleaved(fns: list[Callable[[], Any]], *, device: str = "cpu", warmup: int = 2, min_iters: int = 5,
-                     min_time_s: float = 0.5, max_iters: int = 1000) -> list[list[float]]:
+                     min_time_s: float = 0.5, max_iters: int = 1000,
+                     setups: list[Callable[[], Any] | None] | None = None) -> list[list[float]]:
     """Samples of each of ``fns`` timed in rounds (one call of each per round), so that a
-    machine whose speed drifts (a shared VM, a throttling laptop) slows every case alike."""
-    for fn in fns:
+    machine whose speed drifts (a shared VM, a throttling laptop) slows every case alike;
+    ``setups[i]`` (untimed) runs before every call of ``fns[i]``."""
+    setups = [s or _no_setup for s in (setups or [None] * len(fns))]
+    for fn, setup in zip(fns, setups):
         for _ in range(warmup):
+            setup()
             fn()
     _sync(device)
     samples: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
     while len(samples[0]) < max_iters and (len(samples[0]) < min_iters or time.perf_counter() - start < min_time_s):
-        for fn, out in zip(fns, samples):
+        for fn, setup, out in zip(fns, setups, samples):
+            setup()
+            _sync(device)
             t0 = time.perf_counter()
             fn()
             _sync(device)
@@ -140,19 +156,23 @@ def run(group: str, config: str, reference: Case, cases: list[Case], *, device: 
 
     ``interleave``: time all of them in rounds (:func:`time_interleaved`) rather than one
     after the other; for ratios near 1 on a machine whose speed drifts."""
+    (reference.setup or _no_setup)()
     ref_out = reference.fn()
     checked: list[tuple[Case, str]] = []
     failed: dict[str, Row] = {}
     for case in cases:
         try:
+            (case.setup or _no_setup)()
             checked.append((case, case.parity(case.fn(), ref_out) if case.parity else "unchecked"))
         except AssertionError as e:  # a result that is wrong is not worth timing
             failed[case.name] = Row(case.name, float("nan"), float("nan"), float("nan"), 0, float("nan"),
                                     f"FAIL: {(str(e).splitlines() or [''])[0]}", case.note)
+    timed_cases = [reference] + [c for c, _ in checked]
     if interleave:
-        all_samples = time_interleaved([reference.fn] + [c.fn for c, _ in checked], device=device, **timing)
+        all_samples = time_interleaved([c.fn for c in timed_cases], device=device,
+                                       setups=[c.setup for c in timed_cases], **timing)
     else:
-        all_samples = [time_fn(f, device=device, **timing) for f in [reference.fn] + [c.fn for c, _ in checked]]
+        all_samples = [time_fn(c.fn, device=device, setup=c.setup, **timing) for c in timed_cases]
     ref_samples, timed = all_samples[0], dict(zip([c.name for c, _ in checked], all_samples[1:]))
     ref_p50 = statistics.median(ref_samples)
     rows: list[Row] = [Row(reference.name + " (ref)", ref_p50, _pct(ref_samples, 90), _pct(ref_samples, 99),

@@ -8,6 +8,7 @@ milliseconds per stage.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,9 +62,9 @@ def check_clip(clip: torch.Tensor, multiple: int = 1) -> None:
         raise InputError(f"clip is empty: shape {tuple(clip.shape)}")
     if not clip.is_floating_point():
         raise InputError(f"clip must be floating point in [0, 1], got {clip.dtype}")
-    if not bool(torch.isfinite(clip).all()):
+    lo, hi = (float(v) for v in torch.aminmax(clip))  # one pass; NaN propagates to both
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InputError("clip contains NaN or Inf")
-    lo, hi = float(clip.min()), float(clip.max())
     if lo < 0.0 or hi > 1.0:
         raise InputError(f"clip values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
     if clip.shape[-2] % multiple or clip.shape[-1] % multiple:

@@ -86,7 +86,9 @@ class Detector:
         self.frame_classifier = frame_classifier
         self.config = config or DetectionConfig()
 
-    def _resize(self, clip: torch.Tensor) -> torch.Tensor:
+    def prepare(self, clip: torch.Tensor) -> torch.Tensor:
+        """``clip`` as the frame classifier is given it (resized to ``frame_size``); frame by
+        frame, so any run of frames can be prepared on its own."""
         s = self.config.frame_size
         if not s or clip.shape[-2:] == (s, s):
             return clip
@@ -96,7 +98,7 @@ class Detector:
 
     @torch.inference_mode()
     def frame_labels(self, clip: torch.Tensor) -> torch.Tensor:
-        clip = self._resize(clip)
+        clip = self.prepare(clip)
         k = self.config.frames_per_call or clip.shape[2]
         logits = torch.cat([self.frame_classifier(clip[:, :, i:i + k]) for i in range(0, clip.shape[2], k)], dim=1)
         if logits.ndim != 3 or logits.shape[:2] != clip.shape[:1] + clip.shape[2:3]:

@@ -262,19 +262,27 @@ def bench_clean_route(iters: int = 20, csv_path: str | Path | None = None, weigh
     clean = next((c for c in clips if shield.detector(c).route[0] == "clean"), None)
     if clean is None:
         raise ConfigError("none of the first 8 test clips takes the clean route")
-    frames = CachedFrameLogits(world.frame_classifier)
-    streaming = Shield(frames, world.recognizer, videopure=shield.videopure, comdefend=shield.comdefend,
-                       config=shield.config)
+
+    def streaming():
+        frames = CachedFrameLogits(world.frame_classifier)
+        return Shield(frames, world.recognizer, videopure=shield.videopure, comdefend=shield.comdefend,
+                      config=shield.config), frames
+
     return _time_clean_route("mini-world, 16x64x64, clean test clip", clean, world.recognizer, shield, streaming,
-                             frames, csv_path=csv_path, warmup=3, min_iters=iters, min_time_s=1.0)
+                             csv_path=csv_path, warmup=3, min_iters=iters, min_time_s=1.0)
 
 
-def _time_clean_route(config: str, x: torch.Tensor, recognizer, shield, streaming, cached, csv_path=None, **timing):
-    """The recogniser alone on ``x`` against ``shield`` on it, and against ``streaming`` (whose
-    frame classifier is ``cached``, a :class:`CachedFrameLogits`) fed windows that overlap the
-    previous one by half, as ``vpure run`` cuts a stream; timed in interleaved rounds."""
+def _time_clean_route(config: str, x: torch.Tensor, recognizer, shield, streaming, csv_path=None, **timing):
+    """The recogniser alone on ``x`` against ``shield`` on it, and against Shields from
+    ``streaming()`` (-> (Shield, its :class:`CachedFrameLogits`)) fed windows that overlap the
+    previous one by half, as ``vpure run`` cuts a stream: a file decoded faster than the
+    defence runs (each window labels its new frames), and a live source (the window's new
+    frames but the last labelled while waiting for it, untimed: ``Runner``'s gate_ahead).
+    Timed in interleaved rounds."""
     t = x.shape[2]
-    stride, window = t // 2, {"k": 0}
+    stride, window, live = t // 2, {"k": 0}, {"k": 0}
+    stream_shield, cached = streaming()
+    live_shield, live_cached = streaming()
 
     def alone():
         with torch.inference_mode():
@@ -288,7 +296,17 @@ def _time_clean_route(config: str, x: torch.Tensor, recognizer, shield, streamin
     def streamed():  # the next window: its first half was classified by the previous one
         k = window["k"] = window["k"] + 1
         cached.set_window(list(range(k * stride, k * stride + t)))
-        return torch.tensor([streaming(x)[0].label])
+        return torch.tensor([stream_shield(x)[0].label])
+
+    def live_arrivals():  # frames of the next window that came before its last one
+        k = live["k"] = live["k"] + 1
+        live["ids"] = list(range(k * stride, k * stride + t))
+        with torch.inference_mode():
+            live_cached.prefill(live["ids"][t - stride:t - 1], live_shield.detector.prepare(x[:, :, t - stride:t - 1]))
+
+    def live_window():
+        live_cached.set_window(live["ids"])
+        return torch.tensor([live_shield(x)[0].label])
 
     def parity(out, ref):
         assert torch.equal(out, ref), "labels differ"
@@ -296,7 +314,9 @@ def _time_clean_route(config: str, x: torch.Tensor, recognizer, shield, streamin
 
     return benchmark.run("e2e-clean-route", config, benchmark.Case("recogniser alone", alone),
                          [benchmark.Case("Shield, clean route", gated, parity),
-                          benchmark.Case(f"Shield, clean route, stream (stride {stride})", streamed, parity)],
+                          benchmark.Case(f"Shield, clean route, stream (stride {stride})", streamed, parity),
+                         benchmark.Case(f"Shield, clean route, live stream (stride {stride})", live_window, parity,
+                                        note="frames labelled as they arrive", setup=live_arrivals)],
                          csv_path=csv_path, interleave=True, **timing)
 
 
@@ -308,7 +328,7 @@ def bench_clean_route_deploy(iters: int = 5, frames: int = 32, size: int = 224, 
     stream of windows overlapping by half (CachedFrameLogits). The thresholds are set to 1 so
     that every clip takes the clean route, whatever the random gate says."""
     from .detect import DetectionConfig
-    from .models.conv import use_blocked_conv3d
+    from .models.conv import use_blocked_conv3d, use_channels_last
     from .models.frame_classifier import FrameClassifier
     from .models.i3d import i3d_resnet50
     from .runner import CachedFrameLogits
@@ -316,14 +336,18 @@ def bench_clean_route_deploy(iters: int = 5, frames: int = 32, size: int = 224, 
 
     torch.manual_seed(0)
     rec = i3d_resnet50(num_classes=400).eval()
-    use_blocked_conv3d(rec)  # as vpure run's torch path loads it (runner.load_components)
     gate = FrameClassifier(num_classes=400).eval()
+    use_blocked_conv3d(rec)  # as vpure run's torch path loads them (runner.load_components)
+    use_channels_last(gate)
     cfg = ShieldConfig(detection=DetectionConfig(gamma1=1.0, gamma2=1.0, frame_size=gate_size), dense="comdefend")
     identity = torch.nn.Identity()  # the dense route is never taken here
     shield = Shield(gate, rec, comdefend=identity, config=cfg)
-    cached = CachedFrameLogits(gate)
-    streaming = Shield(cached, rec, comdefend=identity, config=cfg)
+
+    def streaming():
+        cached = CachedFrameLogits(gate)
+        return Shield(cached, rec, comdefend=identity, config=cfg), cached
+
     x = torch.rand(1, 3, frames, size, size, generator=torch.Generator().manual_seed(0))
     return _time_clean_route(f"I3D-R50 {frames}x{size}x{size} + ResNet-18 gate at {gate_size}, random weights", x,
-                             rec, shield, streaming, cached, csv_path=csv_path, warmup=1, min_iters=iters,
+                             rec, shield, streaming, csv_path=csv_path, warmup=1, min_iters=iters,
                              min_time_s=0.0)

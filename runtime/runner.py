@@ -11,7 +11,9 @@ Latency by design:
 - the frame classifier labels each frame once and optical flow is computed once per frame
   pair; both are reused by every overlapping window (:class:`CachedFrameLogits`,
   :class:`CachedFlow`), so with the default stride of half a window the gate costs half a
-  window of frame classifications per clip; VideoPure decodes its members in batches.
+  window of frame classifications per clip; VideoPure decodes its members in batches;
+- on a live source the gate labels each frame while the runner waits for the next one
+  (``gate_ahead``): a clean window then costs the recogniser and its last frame's label.
 
 Robustness: a clip whose processing fails (an engine error, a NaN) produces an error
 record and the run goes on; ``max_consecutive_failures`` failures in a row stop it with a
@@ -61,6 +63,8 @@ class RunConfig(ConfigBase):
     weights: Path | None = None  # mini-world weights folder (default: shipped)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # backend + precision per component
     max_consecutive_failures: int = 5
+    # Label frames for the gate while waiting for the next one (see Runner.run).
+    gate_ahead: bool = True
 
     def validate(self) -> None:
         check(self.window >= 2, f"RunConfig.window must be >= 2, got {self.window}")
@@ -104,11 +108,16 @@ def load_components(cfg: RunConfig) -> Components:
     else:
         comps = Components(*(registry.get(r).build(seed=0) for r in REGISTRY_NAMES.values()),
                            specs={r: registry.get(r) for r in REGISTRY_NAMES.values()})
-    rec_choice = cfg.runtime.components.get(REGISTRY_NAMES["recognizer"])
-    if isinstance(comps.recognizer, torch.nn.Module) and (rec_choice is None or rec_choice.backend == "torch"):
-        from .models.conv import use_blocked_conv3d
+    from .models.conv import use_blocked_conv3d, use_channels_last
 
+    def torch_module(fld):
+        choice, module = cfg.runtime.components.get(REGISTRY_NAMES[fld]), getattr(comps, fld)
+        return isinstance(module, torch.nn.Module) and (choice is None or choice.backend == "torch")
+
+    if torch_module("recognizer"):
         use_blocked_conv3d(comps.recognizer)  # batch-1 clips would otherwise hit slow_conv3d on CPU
+    if torch_module("frame_classifier"):
+        use_channels_last(comps.frame_classifier)  # 1.1-1.2x on CPU (bench_models --conv-layout)
     unet_choice = cfg.runtime.components.get(REGISTRY_NAMES["unet"])
     if isinstance(comps.unet, torch.nn.Module) and (unet_choice is None or unet_choice.backend == "torch"):
         from .models.diffusion import EpsUNet, fold_temporal_convs, optimise_for_inference
@@ -148,6 +157,12 @@ class CachedFlow:
     def set_window(self, frame_ids: list[int]) -> None:
         self._ids = list(frame_ids)
 
+    def reset(self) -> None:
+        """Forget every pair and zero the counters (a new input: frame ids start again)."""
+        self._cache.clear()
+        self._ids = None
+        self.computed = self.reused = 0
+
     def __call__(self, frames: torch.Tensor, input_range: str = "unit") -> torch.Tensor:
         b, _, t = frames.shape[:3]
         if self._ids is None or b != 1 or len(self._ids) != t:
@@ -185,21 +200,45 @@ class CachedFrameLogits:
     the new frames go through the network, in one call. The Detector may split a window
     into consecutive chunks (``frames_per_call``); calls advance through the window's ids in
     order. A call that does not fit the named window (batch > 1, more frames than are left)
-    is computed plainly. Only the current window's frames are kept.
+    is computed plainly. Only the current window's frames are kept, and frames labelled
+    ahead of their window (:meth:`prefill`).
     """
 
-    def __init__(self, base: Callable):
-        self.base = base
+    def __init__(self, base: Callable, frames_per_call: int = 0):
+        self.base, self.frames_per_call = base, frames_per_call
         self._cache: dict[int, torch.Tensor] = {}
         self._ids: list[int] | None = None
         self._cursor = 0
-        self.computed = self.reused = 0
+        self.computed = self.reused = self.ahead = 0
 
     def set_window(self, frame_ids: list[int]) -> None:
         self._ids, self._cursor = list(frame_ids), 0
-        keep = set(self._ids)
-        for key in [k for k in self._cache if k not in keep]:
+        first, keep = min(self._ids), set(self._ids)
+        for key in [k for k in self._cache if k not in keep and k < first]:
             del self._cache[key]
+
+    def reset(self) -> None:
+        """Forget every frame and zero the counters (a new input: frame ids start again)."""
+        self._cache.clear()
+        self._ids, self._cursor = None, 0
+        self.computed = self.reused = self.ahead = 0
+
+    def prefill(self, frame_ids: list[int], frames: torch.Tensor) -> int:
+        """Label frames (1, 3, n, H, W), already as the classifier takes them, before their
+        window is complete; returns how many went through the network. A later window that
+        holds them reuses the logits."""
+        missing = [i for i, f in enumerate(frame_ids) if f not in self._cache]
+        k = self.frames_per_call or len(missing) or 1
+        for lo in range(0, len(missing), k):
+            idx = missing[lo:lo + k]
+            logits = self.base(frames[:, :, idx])
+            if logits.ndim != 3 or logits.shape[:2] != (1, len(idx)):
+                return 0  # not a per-frame classifier's output: the window's call names the problem
+            for j, i in enumerate(idx):
+                self._cache[frame_ids[i]] = logits[0, j].clone()
+        self.computed += len(missing)
+        self.ahead += len(missing)
+        return len(missing)
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         b, _, t = frames.shape[:3]
@@ -238,7 +277,8 @@ def build_shield(comps: Components, cfg: RunConfig):
         base = DISFlow("medium")
     flow = CachedFlow(base)
     vp = VideoPure(_eps_fn(comps.unet), comps.encoder, comps.decoder, comps.recognizer, flow, cfg.videopure)
-    shield = Shield(CachedFrameLogits(comps.frame_classifier), comps.recognizer, videopure=vp,
+    frames = CachedFrameLogits(comps.frame_classifier, cfg.shield.detection.frames_per_call)
+    shield = Shield(frames, comps.recognizer, videopure=vp,
                     comdefend=comps.comdefend, config=cfg.shield)
     return shield, flow
 
@@ -301,23 +341,48 @@ class Runner:
         self.frames.set_window(frame_ids)
         return self.shield(clip)[0]
 
+    def _label_ahead(self, windows: Windows, n: int) -> None:
+        """Label the last ``n`` frames for the gate before their window is complete. Called
+        while the decode queue is empty, i.e. while the runner would otherwise wait for a
+        live source, so a clean window then costs the recogniser plus its last frame's
+        label. A failure here is left to the window's own call, which counts it."""
+        ids, clip = windows.recent(n)
+        try:
+            with torch.inference_mode():
+                self.frames.prefill(ids, self.shield.detector.prepare(clip))
+        except (VpureError, RuntimeError, ValueError, FloatingPointError) as e:
+            log.debug("labelling frames %d-%d ahead failed: %s", ids[0], ids[-1], e)
+
     def run(self, source: str | Path, out: TextIO, *, progress: bool | None = None,
             on_record: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
         """Stream ``source`` through the Shield, one JSON line per clip to ``out``
-        (``on_record`` sees each record too: monitoring, tests)."""
+        (``on_record`` sees each record too: monitoring, tests).
+
+        Frames arrive from a :class:`DecodeThread`. Whenever its queue is empty (``gate_ahead``),
+        the frames received since the last window are labelled for the gate at once: on a
+        live stream that work fills the wait for the next frame; a file decoded faster than
+        the defence keeps the queue full, and each window labels its new frames in one batch.
+        """
         from .log import progress as bar
 
         cfg, summary = self.cfg, RunSummary()
         decoder = DecodeThread(source, cfg.stream)
         windows = Windows(cfg.window, cfg.stride, cfg.stream.size)
-        failures_in_a_row = 0
+        failures_in_a_row = pending = 0
         names = self.components.class_names
+        self.flow.reset()
+        self.frames.reset()
         it = bar(iter(decoder), desc="vpure run", enable=progress)
         try:
             for frame in it:
                 w = windows.push(frame)
                 if w is None:
+                    pending += 1
+                    if cfg.gate_ahead and decoder.waiting():
+                        self._label_ahead(windows, pending)
+                        pending = 0
                     continue
+                pending = 0
                 ids, t0, clip = w
                 rec: dict[str, Any] = {"clip": summary.clips + summary.failed, "start_time_s": round(t0, 3),
                                        "frames": [ids[0], ids[-1]]}
@@ -357,7 +422,8 @@ class Runner:
             summary.stream = {"decoded": st.decoded, "kept": st.kept, "decode_errors": st.decode_errors,
                               "size_changes": st.size_changes, "ended_by": st.ended_by}
             summary.flow_pairs = {"computed": self.flow.computed, "reused": self.flow.reused}
-            summary.frame_labels = {"computed": self.frames.computed, "reused": self.frames.reused}
+            summary.frame_labels = {"computed": self.frames.computed, "reused": self.frames.reused,
+                                    "ahead": self.frames.ahead}
         return summary
 
 

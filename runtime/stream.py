@@ -4,7 +4,10 @@ Threading model: one decode thread per input demuxes and decodes (PyAV releases 
 while FFmpeg works), converts each kept frame to the models' size (crop/resize policy) and
 puts it on a bounded queue; the inference thread takes frames off the queue and cuts
 windows. The bound (``queue_frames``) caps memory and applies back-pressure: a slow
-defence slows decoding, it never buffers a whole file.
+defence slows decoding, it never buffers a whole file. While the queue is empty (a live
+source between frames) the inference thread labels the frames it already has for the
+detection gate (``Runner``), so a clean window's latency is the recogniser's plus the last
+frame's label; ``realtime`` plays a file at its frame rate to reproduce that.
 
 Robustness: a packet that fails to decode is counted and skipped (``decode_errors``); a
 frame of another size goes through the same crop/resize as every frame and is counted
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -43,6 +47,10 @@ class StreamConfig(ConfigBase):
     frame_step: int = 1  # keep every k-th decoded frame (frame sampling rate = source fps / k)
     queue_frames: int = 64  # bound of the decode queue
     max_consecutive_errors: int = 25  # decode errors in a row that end the stream
+    # Hand frames over at their presentation times, as a live camera delivers them: a file
+    # played as a stream (testing a box, benchmarking live latency). Stream URLs are paced
+    # by their source already.
+    realtime: bool = False
 
     def validate(self) -> None:
         check(self.size >= 8, f"StreamConfig.size must be >= 8, got {self.size}")
@@ -207,8 +215,15 @@ class DecodeThread:
         return False
 
     def _work(self) -> None:
+        start = first = None
         try:
             for f in frames(self.source, self.cfg, self.stats):
+                if self.cfg.realtime:
+                    if start is None:
+                        start, first = time.monotonic(), f.time_s
+                    due = start + (f.time_s - first) - time.monotonic()
+                    if due > 0 and self._stop.wait(due):
+                        return
                 if not self._put(f):
                     return
             self._put(_END)
@@ -222,6 +237,11 @@ class DecodeThread:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5.0)
+
+    def waiting(self) -> bool:
+        """True when no frame is ready: the consumer's next step would wait for the source
+        (a live stream between frames), so work done now costs no latency."""
+        return self._q.empty()
 
     def __iter__(self) -> Iterator[Frame]:
         if not self._thread.is_alive() and not self._stop.is_set() and self._q.empty():
@@ -263,6 +283,13 @@ class Windows:
         order = [(self._count + k) % self.length for k in range(self.length)]  # oldest first
         torch.div(self._ring[order].permute(3, 0, 1, 2), 255.0, out=self._clip[0])
         return [self._ids[k] for k in order], self._times[order[0]], self._clip
+
+    def recent(self, n: int) -> tuple[list[int], torch.Tensor]:
+        """The ids and the (1, 3, n, S, S) float clip of the last ``n`` pushed frames (at most
+        the window's length), computed as :meth:`push` computes a window: a new tensor."""
+        n = min(n, self._count, self.length)
+        order = [(self._count - n + k) % self.length for k in range(n)]
+        return [self._ids[k] for k in order], (self._ring[order].permute(3, 0, 1, 2) / 255.0)[None]
 
 
 def window_count(frames_kept: int, length: int, stride: int) -> int:

@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=None, help="frames per clip (default 16)")
     p.add_argument("--stride", type=int, default=None, help="frames between clip starts (default 8)")
     p.add_argument("--frame-step", type=int, default=None, help="keep every k-th decoded frame (default 1)")
+    p.add_argument("--realtime", action="store_true",
+                   help="hand frames over at the file's frame rate, as a live camera would")
     p.add_argument("--tiny", action="store_true", help="tiny random-init models instead of the mini-world ones")
     p.add_argument("--flow", choices=("raft", "dis"), default=None, help="flow for VideoPure (default raft)")
 
@@ -29,8 +31,9 @@ def config_from_args(args: argparse.Namespace):
     changes = {k: v for k, v in (("window", args.window), ("stride", args.stride), ("flow", args.flow)) if v}
     if args.tiny:
         changes["models"] = "tiny"
-    if args.frame_step:
-        changes["stream"] = cfg.stream.replace(frame_step=args.frame_step)
+    stream = {k: v for k, v in (("frame_step", args.frame_step), ("realtime", args.realtime)) if v}
+    if stream:
+        changes["stream"] = cfg.stream.replace(**stream)
     if args.engines:
         changes["runtime"] = RuntimeConfig(device=cfg.runtime.device, engines_dir=args.engines, components={
             r: ComponentChoice(backend="onnxruntime") for r in REGISTRY_NAMES.values()})

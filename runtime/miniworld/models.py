@@ -195,14 +195,17 @@ class MiniWorld:
 def load_world(weights_dir: str | Path | None = None) -> MiniWorld:
     """The six shipped (or ``weights_dir``'s) networks in eval mode. The recogniser's 3-D
     convolutions run through oneDNN on CPU (:func:`~vpure.runtime.models.conv.use_blocked_conv3d`:
-    one 16-frame 64-pixel clip is below PyTorch's size threshold for it); its state dict and
-    gradients are unchanged."""
-    from ..models.conv import use_blocked_conv3d
+    one 16-frame 64-pixel clip is below PyTorch's size threshold for it), and the frame
+    classifier's convolution weights are channels-last
+    (:func:`~vpure.runtime.models.conv.use_channels_last`); state dicts and gradients are
+    unchanged."""
+    from ..models.conv import use_blocked_conv3d, use_channels_last
     from ..models.diffusion import VAEDecoder, VAEEncoder
 
     vae = load("vae", weights_dir)
     recognizer = load("recognizer", weights_dir)
+    frame_classifier = load("frame_classifier", weights_dir)
     use_blocked_conv3d(recognizer)
+    use_channels_last(frame_classifier)
     return MiniWorld(load("unet", weights_dir), VAEEncoder(vae).eval(), VAEDecoder(vae).eval(),
-                     recognizer, load("frame_classifier", weights_dir),
-                     load("comdefend", weights_dir), load("raft", weights_dir))
+                     recognizer, frame_classifier, load("comdefend", weights_dir), load("raft", weights_dir))
