@@ -228,17 +228,18 @@ class CachedFrameLogits:
         window is complete; returns how many went through the network. A later window that
         holds them reuses the logits."""
         missing = [i for i, f in enumerate(frame_ids) if f not in self._cache]
-        k = self.frames_per_call or len(missing) or 1
+        k, done = self.frames_per_call or len(missing) or 1, 0
         for lo in range(0, len(missing), k):
             idx = missing[lo:lo + k]
             logits = self.base(frames[:, :, idx])
             if logits.ndim != 3 or logits.shape[:2] != (1, len(idx)):
-                return 0  # not a per-frame classifier's output: the window's call names the problem
+                break  # not a per-frame classifier's output: the window's own call names the problem
             for j, i in enumerate(idx):
                 self._cache[frame_ids[i]] = logits[0, j].clone()
-        self.computed += len(missing)
-        self.ahead += len(missing)
-        return len(missing)
+            done += len(idx)
+        self.computed += done
+        self.ahead += done
+        return done
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         b, _, t = frames.shape[:3]
