@@ -16,8 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV to append rows to ('' for none)")
     p.add_argument("--png", type=Path, default=Path("benchmarks/results/stages.png"), help="stage breakdown chart")
     p.add_argument("--clean-route", action="store_true",
-                   help="also time the Shield's clean route against the recogniser alone (mini-world models, "
-                        "and I3D-R50 with a ResNet-18 gate at deployment scale)")
+                   help="also time the Shield's clean route against the recogniser alone, for an isolated "
+                        "clip, a file stream and a live stream (mini-world models, and I3D-R50 with a "
+                        "ResNet-18 gate at deployment scale)")
 
 
 def run(args: argparse.Namespace) -> int:
