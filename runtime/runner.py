@@ -342,17 +342,21 @@ class Runner:
         self.frames.set_window(frame_ids)
         return self.shield(clip)[0]
 
-    def _label_ahead(self, windows: Windows, n: int) -> None:
+    def _label_ahead(self, windows: Windows, n: int) -> bool:
         """Label the last ``n`` frames for the gate before their window is complete. Called
         while the decode queue is empty, i.e. while the runner would otherwise wait for a
         live source, so a clean window then costs the recogniser plus its last frame's
-        label. A failure here is left to the window's own call, which counts it."""
+        label. On failure (an engine that refuses a few frames, say) it returns False and
+        the run labels per window from then on; the window's own call reports any error."""
         ids, clip = windows.recent(n)
         try:
             with torch.inference_mode():
                 self.frames.prefill(ids, self.shield.detector.prepare(clip))
+            return True
         except (VpureError, RuntimeError, ValueError, FloatingPointError) as e:
-            log.debug("labelling frames %d-%d ahead failed: %s", ids[0], ids[-1], e)
+            log.warning("labelling frames %d-%d for the gate ahead of their window failed (%s); "
+                        "labelling per window for the rest of this input", ids[0], ids[-1], e)
+            return False
 
     def run(self, source: str | Path, out: TextIO, *, progress: bool | None = None,
             on_record: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
@@ -370,6 +374,7 @@ class Runner:
         decoder = DecodeThread(source, cfg.stream)
         windows = Windows(cfg.window, cfg.stride, cfg.stream.size)
         failures_in_a_row = pending = 0
+        ahead = cfg.gate_ahead
         names = self.components.class_names
         self.flow.reset()
         self.frames.reset()
@@ -379,8 +384,8 @@ class Runner:
                 w = windows.push(frame)
                 if w is None:
                     pending += 1
-                    if cfg.gate_ahead and decoder.waiting():
-                        self._label_ahead(windows, pending)
+                    if ahead and decoder.waiting():
+                        ahead = self._label_ahead(windows, pending)
                         pending = 0
                     continue
                 pending = 0

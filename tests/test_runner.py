@@ -259,6 +259,28 @@ def test_frames_labelled_while_waiting_are_reused_and_change_no_record(monkeypat
     assert summary.frame_labels == {"computed": kept, "reused": summary.clips * (t - 1), "ahead": kept - summary.clips}
 
 
+def test_a_classifier_that_refuses_single_frames_falls_back_to_labelling_per_window(monkeypatch, caplog, data_dir,
+                                                                                      tiny_components):
+    from vpure.runtime.stream import DecodeThread
+
+    class NoSingleFrames(Constant):  # an engine whose profile starts at 2 frames, say
+        calls = 0
+
+        def forward(self, frames):
+            if frames.shape[2] == 1:
+                NoSingleFrames.calls += 1
+                raise RuntimeError("profile needs T >= 2")
+            return super().forward(frames)
+
+    comps = Components(**{**tiny_components.__dict__, "frame_classifier": NoSingleFrames()})
+    monkeypatch.setattr(DecodeThread, "waiting", lambda self: True)
+    with caplog.at_level("WARNING", logger="vpure"):
+        summary, records = _run(data_dir / "carphone.mp4", TINY.replace(stream=StreamConfig(frame_step=3)), comps)
+    assert summary.clips == len(records) >= 3 and summary.failed == 0 and all(r["route"] == "clean" for r in records)
+    assert NoSingleFrames.calls == 1 and summary.frame_labels["ahead"] == 0  # tried once, then per window
+    assert sum("labelling per window" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_prefilled_logits_equal_the_windows_own(data_dir, tiny_components):
     from vpure.runtime.detect import Detector
     from vpure.runtime.video import read_frames
