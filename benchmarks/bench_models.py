@@ -52,6 +52,17 @@ def _recognisers_for_conv3d():
     yield "slowfast_r50, 32x224x224", slowfast_r50(400).eval(), torch.rand(1, 3, 32, 224, 224, generator=g)
 
 
+def _call(m, x):
+    with torch.inference_mode():
+        return m(x)
+
+
+def _same_logits(out, ref):
+    d = (out - ref).abs().max().item()
+    assert d < 1e-3 * max(1.0, ref.abs().max().item()), f"logits differ by {d}"
+    return f"max|dlogit|={d:.1e}"
+
+
 def bench_conv3d(csv_path=None, iters: int = 5) -> list:
     """Each recogniser on one clip: PyTorch's kernel choice (slow_conv3d below its size
     threshold) against :class:`BlockedConv3d`, timed in interleaved rounds."""
@@ -64,19 +75,11 @@ def bench_conv3d(csv_path=None, iters: int = 5) -> list:
         blocked = copy.deepcopy(module)
         n = use_blocked_conv3d(blocked)
 
-        def call(m, x=clip):
-            with torch.inference_mode():
-                return m(x)
-
-        def parity(out, ref):
-            d = (out - ref).abs().max().item()
-            assert d < 1e-3 * max(1.0, ref.abs().max().item()), f"logits differ by {d}"
-            return f"max|dlogit|={d:.1e}"
-
         small = clip.shape[-1] <= 112
         rows += benchmark.run("conv3d_backend", f"{name}, one clip, {n} Conv3d layers",
-                              benchmark.Case("nn.Conv3d (PyTorch's choice)", lambda m=module: call(m)),
-                              [benchmark.Case("BlockedConv3d (oneDNN)", lambda m=blocked: call(m), parity)],
+                              benchmark.Case("nn.Conv3d (PyTorch's choice)", lambda m=module, x=clip: _call(m, x)),
+                              [benchmark.Case("BlockedConv3d (oneDNN)", lambda m=blocked, x=clip: _call(m, x),
+                                              _same_logits)],
                               csv_path=csv_path, interleave=True, warmup=2 if small else 1,
                               min_iters=20 if small else iters, min_time_s=0.0)
     return rows
@@ -117,19 +120,11 @@ def bench_conv_layout(csv_path=None, iters: int = 5) -> list:
         nhwc = copy.deepcopy(module)
         n = use_channels_last(nhwc)
 
-        def call(m, x=clip):
-            with torch.inference_mode():
-                return m(x)
-
-        def parity(out, ref):
-            d = (out - ref).abs().max().item()
-            assert d < 1e-3 * max(1.0, ref.abs().max().item()), f"logits differ by {d}"
-            return f"max|dlogit|={d:.1e}"
-
         small = clip.shape[-1] <= 112 and clip.shape[2] <= 16
         rows += benchmark.run("conv_layout", f"{name}, {n} conv layers",
-                              benchmark.Case("default layout", lambda m=module: call(m)),
-                              [benchmark.Case("channels-last weights", lambda m=nhwc: call(m), parity)],
+                              benchmark.Case("default layout", lambda m=module, x=clip: _call(m, x)),
+                              [benchmark.Case("channels-last weights", lambda m=nhwc, x=clip: _call(m, x),
+                                              _same_logits)],
                               csv_path=csv_path, interleave=True, warmup=2 if small else 1,
                               min_iters=40 if small else iters, min_time_s=0.0)
     return rows

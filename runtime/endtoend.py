@@ -248,8 +248,9 @@ def stage_chart(path: Path, results_by_config: dict[str, list]) -> Path:
 
 def bench_clean_route(iters: int = 20, csv_path: str | Path | None = None, weights_dir: Path | None = None):
     """The Shield's clean route against the recogniser alone, on the mini-world models: one
-    isolated clip, and a stream of windows of 16 every 8 frames as ``vpure run`` cuts them
-    (the frame classifier's logits of the 8 overlapping frames reused, :class:`CachedFrameLogits`)."""
+    isolated clip, and streams of windows of 16 every 8 frames as ``vpure run`` cuts them (the
+    frame classifier's logits of the 8 overlapping frames reused, :class:`CachedFrameLogits`),
+    from a file and from a live source (:func:`_time_clean_route`)."""
     from .miniworld.dataset import make_clip
     from .miniworld.demo import build_shield
     from .miniworld.models import load_world
@@ -324,8 +325,9 @@ def bench_clean_route_deploy(iters: int = 5, frames: int = 32, size: int = 224, 
                              csv_path: str | Path | None = None):
     """The clean route at deployment scale (random weights: latency does not depend on them):
     an I3D ResNet-50 on ``frames`` x ``size`` x ``size`` alone, against the Shield gating with a
-    ResNet-18 frame classifier at ``gate_size`` (DetectionConfig.frame_size), isolated and as a
-    stream of windows overlapping by half (CachedFrameLogits). The thresholds are set to 1 so
+    ResNet-18 frame classifier at ``gate_size`` (DetectionConfig.frame_size), isolated, as a
+    file stream of windows overlapping by half (CachedFrameLogits) and as a live stream (all
+    but each window's last frame labelled while waiting, :func:`_time_clean_route`). The thresholds are set to 1 so
     that every clip takes the clean route, whatever the random gate says."""
     from .detect import DetectionConfig
     from .models.conv import use_blocked_conv3d, use_channels_last
