@@ -63,26 +63,34 @@ def _same_logits(out, ref):
     return f"max|dlogit|={d:.1e}"
 
 
+def _compare(group: str, networks, variant, names: tuple[str, str], csv_path, iters: int, small_iters: int,
+             small) -> list:
+    """Each (name, module, clip) of ``networks`` against a copy changed in place by ``variant``
+    (-> number of layers changed), timed in interleaved rounds, logits compared; clips for
+    which ``small(clip)`` holds get ``small_iters`` rounds and two warm-ups."""
+    import copy
+
+    rows = []
+    for name, module, clip in networks:
+        changed = copy.deepcopy(module)
+        n = variant(changed)
+        fast = small(clip)
+        rows += benchmark.run(group, f"{name}, {n} layers changed",
+                              benchmark.Case(names[0], lambda m=module, x=clip: _call(m, x)),
+                              [benchmark.Case(names[1], lambda m=changed, x=clip: _call(m, x), _same_logits)],
+                              csv_path=csv_path, interleave=True, warmup=2 if fast else 1,
+                              min_iters=small_iters if fast else iters, min_time_s=0.0)
+    return rows
+
+
 def bench_conv3d(csv_path=None, iters: int = 5) -> list:
     """Each recogniser on one clip: PyTorch's kernel choice (slow_conv3d below its size
     threshold) against :class:`BlockedConv3d`, timed in interleaved rounds."""
-    import copy
-
     from vpure.runtime.models.conv import use_blocked_conv3d
 
-    rows = []
-    for name, module, clip in _recognisers_for_conv3d():
-        blocked = copy.deepcopy(module)
-        n = use_blocked_conv3d(blocked)
-
-        small = clip.shape[-1] <= 112
-        rows += benchmark.run("conv3d_backend", f"{name}, one clip, {n} Conv3d layers",
-                              benchmark.Case("nn.Conv3d (PyTorch's choice)", lambda m=module, x=clip: _call(m, x)),
-                              [benchmark.Case("BlockedConv3d (oneDNN)", lambda m=blocked, x=clip: _call(m, x),
-                                              _same_logits)],
-                              csv_path=csv_path, interleave=True, warmup=2 if small else 1,
-                              min_iters=20 if small else iters, min_time_s=0.0)
-    return rows
+    return _compare("conv3d_backend", _recognisers_for_conv3d(), use_blocked_conv3d,
+                    ("nn.Conv3d (PyTorch's choice)", "BlockedConv3d (oneDNN)"), csv_path, iters, 20,
+                    lambda clip: clip.shape[-1] <= 112)
 
 
 def _networks_for_layout():
@@ -111,23 +119,11 @@ def bench_conv_layout(csv_path=None, iters: int = 5) -> list:
     """Each recogniser and frame classifier as ``vpure run`` loads it on CPU, with its
     convolution weights in PyTorch's default layout against channels-last
     (:func:`use_channels_last`), timed in interleaved rounds."""
-    import copy
-
     from vpure.runtime.models.conv import use_channels_last
 
-    rows = []
-    for name, module, clip in _networks_for_layout():
-        nhwc = copy.deepcopy(module)
-        n = use_channels_last(nhwc)
-
-        small = clip.shape[-1] <= 112 and clip.shape[2] <= 16
-        rows += benchmark.run("conv_layout", f"{name}, {n} conv layers",
-                              benchmark.Case("default layout", lambda m=module, x=clip: _call(m, x)),
-                              [benchmark.Case("channels-last weights", lambda m=nhwc, x=clip: _call(m, x),
-                                              _same_logits)],
-                              csv_path=csv_path, interleave=True, warmup=2 if small else 1,
-                              min_iters=40 if small else iters, min_time_s=0.0)
-    return rows
+    return _compare("conv_layout", _networks_for_layout(), use_channels_last,
+                    ("default layout", "channels-last weights"), csv_path, iters, 40,
+                    lambda clip: clip.shape[-1] <= 112 and clip.shape[2] <= 16)
 
 
 def main(argv=None) -> None:

@@ -280,16 +280,19 @@ class Windows:
         self._count += 1
         if self._count < self.length or (self._count - self.length) % self.stride:
             return None
-        order = [(self._count + k) % self.length for k in range(self.length)]  # oldest first
+        order = self._slots(self.length)
         torch.div(self._ring[order].permute(3, 0, 1, 2), 255.0, out=self._clip[0])
         return [self._ids[k] for k in order], self._times[order[0]], self._clip
 
     def recent(self, n: int) -> tuple[list[int], torch.Tensor]:
         """The ids and the (1, 3, n, S, S) float clip of the last ``n`` pushed frames (at most
         the window's length), computed as :meth:`push` computes a window: a new tensor."""
-        n = min(n, self._count, self.length)
-        order = [(self._count - n + k) % self.length for k in range(n)]
+        order = self._slots(min(n, self._count, self.length))
         return [self._ids[k] for k in order], (self._ring[order].permute(3, 0, 1, 2) / 255.0)[None]
+
+    def _slots(self, n: int) -> list[int]:
+        """Ring slots of the last ``n`` pushed frames, oldest first."""
+        return [(self._count - n + k) % self.length for k in range(n)]
 
 
 def window_count(frames_kept: int, length: int, stride: int) -> int:
