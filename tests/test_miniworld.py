@@ -223,3 +223,14 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
     img = cv2.imread(str(png))
     assert img is not None and img.shape[0] > 300 and img.shape[1] > 800
+
+
+def test_vae_bound_linear_codes_are_exact_at_full_rank_and_improve_with_components():
+    from benchmarks.vae_bound import patch_pca_psnr
+
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(40, 3, 4, 4, generator=g), size=16, mode="bilinear")
+    train, test = smooth[:32], smooth[32:]
+    psnr = patch_pca_psnr(train, test, (1, 4, 16, 192), clips=2)
+    assert psnr[192] > 90  # every component kept: the patches come back (fold inverts unfold)
+    assert psnr[1] < psnr[4] < psnr[16] < psnr[192]
