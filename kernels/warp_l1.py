@@ -179,8 +179,9 @@ def warp_l1_grad(x: torch.Tensor, flow: torch.Tensor, *, detach_warp: bool = Tru
                  need_grad: bool = True):
     """Fused loss and gradient: ``(loss (B,), grad like x)``, no autograd graph built.
 
-    x (B, C, T, h, w) float, flow (B, T-1, 2, h, w) float, same device. Results are float32
-    (float64 for impl="ref"). ``need_grad=False`` skips the gradient (returns None).
+    x (B, C, T, h, w) float, flow (B, T-1, 2, h, w) float, same device. Computed in float32
+    and returned in x's dtype (impl="ref", the oracle, computes and returns float64).
+    ``need_grad=False`` skips the gradient (returns None).
     """
     check_warp_args(x, flow)
     which = _dispatch.resolve(impl, x.device, _IMPLS)
@@ -188,7 +189,8 @@ def warp_l1_grad(x: torch.Tensor, flow: torch.Tensor, *, detach_warp: bool = Tru
         loss, grad = warp_l1_grad_ref(x, flow, detach_warp=detach_warp)
         return loss, (grad if need_grad else None)
     fn = {"triton": warp_l1_grad_triton, "native": warp_l1_grad_native, "torch": warp_l1_grad_torch}[which]
-    return fn(x, flow, detach_warp=detach_warp, need_grad=need_grad)
+    loss, grad = fn(x, flow, detach_warp=detach_warp, need_grad=need_grad)
+    return loss.to(x.dtype), (grad.to(x.dtype) if grad is not None else None)
 
 
 def warp_l1(x: torch.Tensor, flow: torch.Tensor, *, detach_warp: bool = True, impl: str = "auto") -> torch.Tensor:

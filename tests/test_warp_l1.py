@@ -139,3 +139,17 @@ def test_bad_arguments(bad, needle):
     with pytest.raises(KernelError) as e:
         warp_l1_grad(*bad(x, flow))
     assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("impl", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_results_come_back_in_the_input_dtype(impl, dtype):
+    """api.md: ``grad like x``; computed in float32 whatever x's dtype, so a half-precision
+    latent's STO step stays half precision and a float64 one is not silently narrowed."""
+    x, flow = _inputs((1, 2, 3, 5, 6), 7)
+    x, flow = x.to(dtype), flow.to(dtype)
+    loss, grad = warp_l1_grad(x, flow, impl=impl)
+    assert loss.dtype == dtype and grad.dtype == dtype and grad.shape == x.shape
+    loss32, grad32 = warp_l1_grad(x.float(), flow.float(), impl=impl)
+    assert torch.equal(loss, loss32.to(dtype)) and torch.equal(grad, grad32.to(dtype))
+    assert warp_l1(x, flow, impl=impl).dtype == dtype
