@@ -68,7 +68,9 @@ def table_members(results) -> tuple[str, list[list[str]]]:
     g = _group(results)
     attacks = [a for a in ("clean", "pgd", "pgd_bpda", "fullgrad") if ("videopure", a) in g]
     header = ["VideoPure output"] + attacks
-    rows_ = g.get(("videopure", attacks[0]), []) if attacks else []
+    if not attacks:  # no VideoPure results: no table (write_tables skips header-only tables)
+        return "Table VII: single member vs voting", [header]
+    rows_ = g[("videopure", attacks[0])]
     m = len(rows_[0]["votes"]) if rows_ else 0
     rows = []
     for j in range(m):

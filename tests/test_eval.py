@@ -62,6 +62,7 @@ def test_tables_regenerate_identically_from_the_cache(first_run, tmp_path):
     b = write_tables(load_results(cache), tmp_path / "b")
     assert a["markdown"].read_text() == b["markdown"].read_text()
     assert "Table I" in a["markdown"].read_text() and "Detection gate" in a["markdown"].read_text()
+    assert "Table VII" not in a["markdown"].read_text() and "table7" not in a  # no VideoPure results: no table
     assert a["table1"].read_text() == b["table1"].read_text()
 
 
