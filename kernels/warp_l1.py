@@ -100,7 +100,7 @@ class _WarpL1(torch.autograd.Function):
     def forward(ctx, x, flow, detach_warp, impl):
         loss, grad = warp_l1_grad(x, flow, detach_warp=detach_warp, impl=impl, need_grad=x.requires_grad)
         ctx.save_for_backward(grad if grad is not None else x.new_empty(0))
-        return loss.to(x.dtype)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -144,8 +144,8 @@ def test_bad_arguments(bad, needle):
 @pytest.mark.parametrize("impl", ["native", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
 def test_results_come_back_in_the_input_dtype(impl, dtype):
-    """api.md: ``grad like x``; computed in float32 whatever x's dtype, so a half-precision
-    latent's STO step stays half precision and a float64 one is not silently narrowed."""
+    """api.md: ``grad like x``: computed in float32 whatever x's dtype and returned in it, so
+    a half-precision latent's STO step stays half precision (float64 accuracy: impl="ref")."""
     x, flow = _inputs((1, 2, 3, 5, 6), 7)
     x, flow = x.to(dtype), flow.to(dtype)
     loss, grad = warp_l1_grad(x, flow, impl=impl)
