@@ -2,10 +2,11 @@
 flow networks at one clip, torch eager fp32 on this machine; ``--conv3d`` times each 3-D
 recogniser on one clip with PyTorch's own Conv3d kernel choice against BlockedConv3d (every
 layer on oneDNN), ``--conv-layout`` the recognisers and frame classifiers with default against
-channels-last convolution weights; both interleaved, logits compared.
+channels-last convolution weights, ``--fused-gate`` the frame classifiers eager (channels-last)
+against their fused oneDNN plan; all interleaved, logits compared.
 
 Run from the repository root:
-  .venv/bin/python -m benchmarks.bench_models [--tiny-only] [--conv3d] [--conv-layout] [--csv PATH]
+  .venv/bin/python -m benchmarks.bench_models [--tiny-only] [--conv3d] [--conv-layout] [--fused-gate] [--csv PATH]
 """
 
 from __future__ import annotations
@@ -126,14 +127,51 @@ def bench_conv_layout(csv_path=None, iters: int = 5) -> list:
                     lambda clip: clip.shape[-1] <= 112 and clip.shape[2] <= 16)
 
 
+def _frame_classifiers():
+    from vpure.runtime.miniworld.models import load
+    from vpure.runtime.models.conv import use_channels_last
+    from vpure.runtime.models.frame_classifier import FrameClassifier
+
+    g = torch.Generator().manual_seed(0)
+    gate = load("frame_classifier").eval()
+    use_channels_last(gate)
+    for t in (1, 8, 16):
+        yield f"mini-world frame classifier, {t} frame(s) 64x64", gate, torch.rand(1, 3, t, 64, 64, generator=g)
+    gate = FrameClassifier(num_classes=400).eval()
+    use_channels_last(gate)
+    for t in (1, 32):
+        yield f"ResNet-18 frame classifier, {t} frame(s) 112x112", gate, torch.rand(1, 3, t, 112, 112, generator=g)
+
+
+def bench_fused_gate(csv_path=None, iters: int = 5) -> list:
+    """Each frame classifier as ``vpure run`` loaded it before (eager, channels-last weights)
+    against its fused plan (:func:`vpure.runtime.models.fused.use_fused_inference`: batch norm
+    folded, ReLU and residual add fused into the convolutions, weights prepacked), timed in
+    interleaved rounds."""
+    from vpure.runtime.models.fused import use_fused_inference
+
+    def fuse(m):
+        if not use_fused_inference(m):
+            raise SystemExit("this PyTorch build lacks the oneDNN fused-convolution operators")
+        return sum(1 for _ in m.modules() if isinstance(_, torch.nn.BatchNorm2d))
+
+    return _compare("fused_gate", _frame_classifiers(), fuse, ("eager, channels-last", "fused oneDNN plan"),
+                    csv_path, iters, 40, lambda clip: clip.shape[-1] <= 112 and clip.shape[2] <= 16)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny-only", action="store_true")
     p.add_argument("--conv3d", action="store_true", help="only the Conv3d kernel comparison")
     p.add_argument("--conv-layout", action="store_true",
                    help="only the convolution weight layout comparison (default vs channels-last)")
+    p.add_argument("--fused-gate", action="store_true",
+                   help="only the frame classifiers, eager against the fused oneDNN plan")
     p.add_argument("--csv", default="benchmarks/results/results.csv")
     args = p.parse_args(argv)
+    if args.fused_gate:
+        bench_fused_gate(args.csv)
+        return
     if args.conv3d:
         bench_conv3d(args.csv)
         return

@@ -109,6 +109,7 @@ def load_components(cfg: RunConfig) -> Components:
         comps = Components(*(registry.get(r).build(seed=0) for r in REGISTRY_NAMES.values()),
                            specs={r: registry.get(r) for r in REGISTRY_NAMES.values()})
     from .models.conv import use_blocked_conv3d, use_channels_last
+    from .models.fused import use_fused_inference
 
     def torch_module(fld):
         choice, module = cfg.runtime.components.get(REGISTRY_NAMES[fld]), getattr(comps, fld)
@@ -118,6 +119,7 @@ def load_components(cfg: RunConfig) -> Components:
         use_blocked_conv3d(comps.recognizer)  # batch-1 clips would otherwise hit slow_conv3d on CPU
     if torch_module("frame_classifier"):
         use_channels_last(comps.frame_classifier)  # 1.1-1.2x on CPU (bench_models --conv-layout)
+        use_fused_inference(comps.frame_classifier)  # ResNet-style gates: bench_models --fused-gate
     unet_choice = cfg.runtime.components.get(REGISTRY_NAMES["unet"])
     if isinstance(comps.unet, torch.nn.Module) and (unet_choice is None or unet_choice.backend == "torch"):
         from .models.diffusion import EpsUNet, fold_temporal_convs, optimise_for_inference

@@ -1,0 +1,114 @@
+"""The frame classifier's fused oneDNN inference plan (vpure.runtime.models.fused)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from vpure.runtime.models.frame_classifier import FrameClassifier
+from vpure.runtime.models.fused import FramePlan, use_fused_inference
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch's oneDNN (mkldnn)")
+
+
+def _trained_looking(model: FrameClassifier, seed: int = 0) -> FrameClassifier:
+    """Batch norms with non-trivial statistics and affine terms, as a trained network has."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model.eval()
+
+
+def _pair(**arch):
+    ref = _trained_looking(FrameClassifier(**arch))
+    fused = copy.deepcopy(ref)
+    assert use_fused_inference(fused)
+    return ref, fused
+
+
+ARCHS = [dict(num_classes=5, widths=(8, 16, 24), depths=(1, 2, 1), stem_width=8, stem_pool=False),
+         dict(num_classes=7, widths=(16, 32), depths=(2, 1), stem_width=16, stem_pool=True)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("shape", [(1, 3, 16, 64, 64), (2, 3, 5, 48, 40), (1, 3, 1, 64, 64)])
+def test_fused_plan_gives_the_eager_logits(arch, shape):
+    ref, fused = _pair(**arch)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want, got = ref(x), fused(x)
+    with torch.no_grad():
+        got_no_grad = fused(x[:, :, :, :-8])
+        want_no_grad = ref(x[:, :, :, :-8])
+    assert isinstance(fused._plan, FramePlan)
+    assert got.shape == want.shape == (shape[0], shape[2], arch["num_classes"])
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    assert torch.allclose(got_no_grad, want_no_grad, atol=1e-4, rtol=1e-4)
+    # a view with odd strides (a time slice of a channels-last clip) reads the same frames
+    xs = x.contiguous(memory_format=torch.channels_last_3d)[:, :, ::2]
+    with torch.inference_mode():
+        assert torch.allclose(fused(xs), ref(xs.contiguous()), atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_training_and_state_take_the_eager_layers():
+    ref, fused = _pair(**ARCHS[1])
+    assert fused.state_dict().keys() == ref.state_dict().keys()
+    x = torch.rand(1, 3, 4, 32, 32, generator=torch.Generator().manual_seed(2))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref(xa).logsumexp(-1).sum().backward()
+    fused(xb).logsumexp(-1).sum().backward()  # the adaptive gate attack differentiates the gate
+    assert torch.equal(xa.grad, xb.grad)
+    ref.train(), fused.train()
+    with torch.no_grad():  # training mode normalises with batch statistics: eager only
+        assert torch.equal(ref(x), fused(x))
+
+
+def test_weights_changed_in_place_rebuild_the_plan_and_copies_drop_it():
+    _, fused = _pair(**ARCHS[0])
+    other = _trained_looking(FrameClassifier(**ARCHS[0]), seed=5)
+    x = torch.rand(1, 3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        before = fused(x)
+    plan = fused._plan
+    fused.load_state_dict(other.state_dict())  # copies in place: same tensors, new versions
+    with torch.inference_mode():
+        after, want = fused(x), other(x)
+    assert fused._plan is not plan
+    assert torch.allclose(after, want, atol=1e-4, rtol=1e-4) and not torch.allclose(after, before, atol=1e-3)
+    for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        assert clone._plan is None and clone.fused_inference
+        with torch.inference_mode():
+            assert torch.allclose(clone(x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_tracing_records_the_eager_graph_and_other_modules_are_left_alone():
+    ref, fused = _pair(**ARCHS[0])
+    x = torch.rand(1, 3, 2, 64, 64)
+    with torch.no_grad():
+        traced = torch.jit.trace(fused, x)
+    graph = str(traced.inlined_graph)
+    assert "_convolution_pointwise" not in graph and "aten::_convolution" in graph
+    with torch.inference_mode():
+        assert torch.allclose(traced(x), ref(x), atol=1e-5)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    assert not use_fused_inference(conv) and not hasattr(conv, "fused_inference")
+
+
+def test_weights_are_blocked_per_input_shape_for_the_last_few_shapes():
+    ref, fused = _pair(**ARCHS[0])
+    g = torch.Generator().manual_seed(4)
+    with torch.inference_mode():
+        for t in (16, 1, 7, 2, 3, 16, 5, 1):  # more shapes than are kept, some coming back
+            x = torch.rand(1, 3, t, 64, 64, generator=g)
+            assert torch.allclose(fused(x), ref(x), atol=1e-4, rtol=1e-4), t
+    for conv in [fused._plan.stem] + [c for block in fused._plan.blocks for c in block if c is not None]:
+        assert len(conv.packed) == conv.SHAPES
+        assert [shape[0] for shape in conv.packed] == [2, 3, 16, 5, 1][-conv.SHAPES:]  # least recent first
