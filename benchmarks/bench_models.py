@@ -2,11 +2,11 @@
 flow networks at one clip, torch eager fp32 on this machine; ``--conv3d`` times each 3-D
 recogniser on one clip with PyTorch's own Conv3d kernel choice against BlockedConv3d (every
 layer on oneDNN), ``--conv-layout`` the recognisers and frame classifiers with default against
-channels-last convolution weights, ``--fused-gate`` the frame classifiers eager (channels-last)
-against their fused oneDNN plan; all interleaved, logits compared.
+channels-last convolution weights, ``--fused`` the frame classifiers and I3D recognisers as
+loaded before (eager) against their fused oneDNN plans; all interleaved, logits compared.
 
 Run from the repository root:
-  .venv/bin/python -m benchmarks.bench_models [--tiny-only] [--conv3d] [--conv-layout] [--fused-gate] [--csv PATH]
+  .venv/bin/python -m benchmarks.bench_models [--tiny-only] [--conv3d] [--conv-layout] [--fused] [--csv PATH]
 """
 
 from __future__ import annotations
@@ -127,10 +127,11 @@ def bench_conv_layout(csv_path=None, iters: int = 5) -> list:
                     lambda clip: clip.shape[-1] <= 112 and clip.shape[2] <= 16)
 
 
-def _frame_classifiers():
+def _fusable_networks():
     from vpure.runtime.miniworld.models import load
-    from vpure.runtime.models.conv import use_channels_last
+    from vpure.runtime.models.conv import use_blocked_conv3d, use_channels_last
     from vpure.runtime.models.frame_classifier import FrameClassifier
+    from vpure.runtime.models.i3d import i3d_resnet50
 
     g = torch.Generator().manual_seed(0)
     gate = load("frame_classifier").eval()
@@ -141,10 +142,18 @@ def _frame_classifiers():
     use_channels_last(gate)
     for t in (1, 32):
         yield f"ResNet-18 frame classifier, {t} frame(s) 112x112", gate, torch.rand(1, 3, t, 112, 112, generator=g)
+    rec = load("recognizer").eval()
+    use_blocked_conv3d(rec)
+    yield "mini-world I3D, 16x64x64", rec, torch.rand(1, 3, 16, 64, 64, generator=g)
+    rec = i3d_resnet50(num_classes=400).eval()
+    use_blocked_conv3d(rec)
+    for size in (112, 224):
+        yield f"I3D-R50, 32x{size}x{size}", rec, torch.rand(1, 3, 32, size, size, generator=g)
 
 
-def bench_fused_gate(csv_path=None, iters: int = 5) -> list:
-    """Each frame classifier as ``vpure run`` loaded it before (eager, channels-last weights)
+def bench_fused(csv_path=None, iters: int = 5) -> list:
+    """Each frame classifier and I3D recogniser as ``vpure run`` loaded it before (eager;
+    channels-last weights for the frame classifiers, BlockedConv3d for the recognisers)
     against its fused plan (:func:`vpure.runtime.models.fused.use_fused_inference`: batch norm
     folded, ReLU and residual add fused into the convolutions, weights prepacked), timed in
     interleaved rounds."""
@@ -153,9 +162,9 @@ def bench_fused_gate(csv_path=None, iters: int = 5) -> list:
     def fuse(m):
         if not use_fused_inference(m):
             raise SystemExit("this PyTorch build lacks the oneDNN fused-convolution operators")
-        return sum(1 for _ in m.modules() if isinstance(_, torch.nn.BatchNorm2d))
+        return sum(1 for _ in m.modules() if isinstance(_, torch.nn.modules.batchnorm._BatchNorm))
 
-    return _compare("fused_gate", _frame_classifiers(), fuse, ("eager, channels-last", "fused oneDNN plan"),
+    return _compare("fused", _fusable_networks(), fuse, ("eager", "fused oneDNN plan"),
                     csv_path, iters, 40, lambda clip: clip.shape[-1] <= 112 and clip.shape[2] <= 16)
 
 
@@ -165,12 +174,12 @@ def main(argv=None) -> None:
     p.add_argument("--conv3d", action="store_true", help="only the Conv3d kernel comparison")
     p.add_argument("--conv-layout", action="store_true",
                    help="only the convolution weight layout comparison (default vs channels-last)")
-    p.add_argument("--fused-gate", action="store_true",
-                   help="only the frame classifiers, eager against the fused oneDNN plan")
+    p.add_argument("--fused", action="store_true",
+                   help="only the frame classifiers and I3D recognisers, eager against their fused oneDNN plans")
     p.add_argument("--csv", default="benchmarks/results/results.csv")
     args = p.parse_args(argv)
-    if args.fused_gate:
-        bench_fused_gate(args.csv)
+    if args.fused:
+        bench_fused(args.csv)
         return
     if args.conv3d:
         bench_conv3d(args.csv)

@@ -342,6 +342,7 @@ def bench_clean_route_deploy(iters: int = 5, frames: int = 32, size: int = 224, 
     gate = FrameClassifier(num_classes=400).eval()
     use_blocked_conv3d(rec)  # as vpure run's torch path loads them (runner.load_components)
     use_channels_last(gate)
+    use_fused_inference(rec)
     use_fused_inference(gate)
     cfg = ShieldConfig(detection=DetectionConfig(gamma1=1.0, gamma2=1.0, frame_size=gate_size), dense="comdefend")
     identity = torch.nn.Identity()  # the dense route is never taken here

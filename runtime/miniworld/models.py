@@ -197,9 +197,10 @@ def load_world(weights_dir: str | Path | None = None) -> MiniWorld:
     convolutions run through oneDNN on CPU (:func:`~vpure.runtime.models.conv.use_blocked_conv3d`:
     one 16-frame 64-pixel clip is below PyTorch's size threshold for it), and the frame
     classifier's convolution weights are channels-last
-    (:func:`~vpure.runtime.models.conv.use_channels_last`), its inference without autograd
-    through fused oneDNN convolutions (:func:`~vpure.runtime.models.fused.use_fused_inference`);
-    state dicts and gradients are unchanged."""
+    (:func:`~vpure.runtime.models.conv.use_channels_last`); both run inference without
+    autograd through fused oneDNN convolutions
+    (:func:`~vpure.runtime.models.fused.use_fused_inference`). State dicts and gradients are
+    unchanged."""
     from ..models.conv import use_blocked_conv3d, use_channels_last
     from ..models.diffusion import VAEDecoder, VAEEncoder
     from ..models.fused import use_fused_inference
@@ -209,6 +210,7 @@ def load_world(weights_dir: str | Path | None = None) -> MiniWorld:
     frame_classifier = load("frame_classifier", weights_dir)
     use_blocked_conv3d(recognizer)
     use_channels_last(frame_classifier)
+    use_fused_inference(recognizer)
     use_fused_inference(frame_classifier)
     return MiniWorld(load("unet", weights_dir), VAEEncoder(vae).eval(), VAEDecoder(vae).eval(),
                      recognizer, frame_classifier, load("comdefend", weights_dir), load("raft", weights_dir))

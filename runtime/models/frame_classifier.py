@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..registry import ComponentSpec, Role, TensorSpec, register
-from .fused import FramePlan, plan_applies
+from .fused import FusedInference
 from .layout import frames_to_batch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,7 +36,7 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + idt)
 
 
-class FrameClassifier(nn.Module):
+class FrameClassifier(FusedInference, nn.Module):
     """frames (B, 3, T, H, W) in [0, 1] -> per-frame logits (B, T, num_classes)."""
 
     def __init__(self, num_classes: int, widths=(64, 128, 256, 512), depths=(2, 2, 2, 2),
@@ -59,12 +59,6 @@ class FrameClassifier(nn.Module):
         self.n_layers = len(widths)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
-        # vpure.runtime.models.fused: inference through fused oneDNN convolutions (not module state)
-        self.fused_inference = False
-        self._plan = None
-
-    def __getstate__(self):  # copies and pickles leave the fused plan behind (rebuilt on use)
-        return {**self.__dict__, "_plan": None}
 
     def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Every stage's output for (N, 3, H, W) images in [0, 1], stem first, then the logits
@@ -79,11 +73,9 @@ class FrameClassifier(nn.Module):
         return maps
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        if self.fused_inference:
-            if plan_applies(self, frames):
-                if self._plan is None or self._plan.stale(self):
-                    self._plan = FramePlan(self)
-                return self._plan(frames)
+        fused = self.fused_forward(frames)  # vpure.runtime.models.fused, after use_fused_inference
+        if fused is not None:
+            return fused
         b, t = frames.shape[0], frames.shape[2]
         x = (frames_to_batch(frames) - self.mean) / self.std
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

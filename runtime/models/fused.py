@@ -1,21 +1,23 @@
-"""The frame classifier's inference plan on CPU: each convolution, its BatchNorm and what
-follows it as one oneDNN primitive.
+"""Inference plans on CPU for the ResNet-style gate and recognisers: each convolution, its
+BatchNorm and what follows it as one oneDNN primitive.
 
 Eager PyTorch runs a ResNet BasicBlock as seven passes over the activations (convolution,
 batch norm, ReLU, convolution, batch norm, add, ReLU). With the batch norm's running
 statistics folded into the convolution's weight and bias, and the ReLU (or the residual
 add and its ReLU) applied by oneDNN as a post-op of the convolution, it is two primitives
-whose outputs stay channels-last (NHWC). The weights are folded once and reordered into
-oneDNN's blocked layout once, instead of on every call.
+whose outputs stay in oneDNN's channels-last layout. The weights are folded once and
+reordered into oneDNN's blocked layout once per input shape, instead of on every call.
 
 :class:`FramePlan` is that plan for a
-:class:`~vpure.runtime.models.frame_classifier.FrameClassifier`; after
-:func:`use_fused_inference` and the classifier's ``forward`` takes it for
-fp32 CPU calls without autograd in eval mode, and its own eager layers for anything else
-(training, gradients for the adaptive attacks, autocast, CUDA, tracing or ONNX export).
-The plan is not part of the module's state: parameters and state dict are unchanged, and a
-plan whose source weights were modified in place (``load_state_dict``, an optimiser step)
-is rebuilt on the next call. ``python -m benchmarks.bench_models --fused-gate`` measures it.
+:class:`~vpure.runtime.models.frame_classifier.FrameClassifier` (2-D, frames batched) and
+:class:`ClipPlan` for an :class:`~vpure.runtime.models.i3d.I3DResNet` (3-D, basic or
+bottleneck blocks; non-local blocks run eagerly). After :func:`use_fused_inference` the
+model's ``forward`` takes its plan for fp32 CPU calls without autograd in eval mode, and
+its own eager layers for anything else (training, gradients for the adaptive attacks,
+autocast, CUDA, tracing or ONNX export). The plan is not part of the module's state:
+parameters and state dict are unchanged, copies and pickles leave it behind, and a plan
+whose source weights were modified in place (``load_state_dict``, an optimiser step) is
+rebuilt on the next call. ``python -m benchmarks.bench_models --fused`` measures it.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ from .layout import frames_to_batch
 
 def _mkldnn_ops_available() -> bool:
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-            and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
+            and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight")
+            and hasattr(torch._C._nn, "mkldnn_reorder_conv3d_weight"))
 
 
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def _fold(conv: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``bn(conv(x)) == conv'(x)`` in eval mode: the weight scaled per output channel, a bias."""
     scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    weight = conv.weight.detach() * scale.view(-1, 1, 1, 1)
+    weight = conv.weight.detach() * scale.view(-1, *(1,) * (conv.weight.ndim - 1))
     bias = bn.bias.detach() - bn.running_mean * scale
     if conv.bias is not None:
         bias = bias + conv.bias.detach() * scale
@@ -45,7 +48,8 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tens
 
 
 class FusedConv:
-    """``post(bn(conv(x)))`` for NCHW fp32 CPU inputs as one oneDNN convolution; ``post`` is
+    """``post(bn(conv(x)))`` for fp32 CPU inputs of a ``Conv2d`` or ``Conv3d`` as one oneDNN
+    convolution; ``post`` is
     ``"relu"`` or ``"none"``, or, when called with ``residual``, ``relu(. + residual)``.
 
     The blocked weight layout oneDNN wants depends on the input's shape (a weight blocked for
@@ -55,13 +59,15 @@ class FusedConv:
 
     SHAPES = 4
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, post: str):
+    def __init__(self, conv: nn.Module, bn: nn.Module, post: str):
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"FusedConv needs explicit zero padding, got {conv.padding_mode!r} {conv.padding!r}")
         self.dense_weight, self.bias = _fold(conv, bn)
         self.padding, self.stride = list(conv.padding), list(conv.stride)
         self.dilation, self.groups, self.post = list(conv.dilation), conv.groups, post
         self.packed: dict[tuple[int, ...], torch.Tensor] = {}
+        self.reorder = (torch._C._nn.mkldnn_reorder_conv2d_weight if conv.weight.ndim == 4
+                        else torch._C._nn.mkldnn_reorder_conv3d_weight)
         self.lock = threading.Lock()  # one plan may serve several threads
 
     def weight_for(self, shape: torch.Size) -> torch.Tensor:
@@ -69,8 +75,8 @@ class FusedConv:
         with self.lock:
             weight = self.packed.pop(key, None)
             if weight is None:
-                weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                    self.dense_weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, list(key))
+                weight = self.reorder(self.dense_weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups,
+                                      list(key))
                 if len(self.packed) >= self.SHAPES:
                     self.packed.pop(next(iter(self.packed)))  # the least recently used
             self.packed[key] = weight
@@ -90,25 +96,50 @@ def _versions(model: nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
 
 
-class FramePlan:
-    """A FrameClassifier's forward as fused oneDNN convolutions (see the module docstring)."""
-
+class _Plan:
     def __init__(self, model: nn.Module):
         self.model_id = id(model)
         self.versions = _versions(model)
-        self.mean, self.std = model.mean.view(1, 3, 1, 1, 1), model.std.view(1, 3, 1, 1, 1)
-        self.stem = FusedConv(model.conv1, model.bn1, "relu")
-        self.stem_pool = model.stem_pool
-        self.blocks = []
-        for i in range(model.n_layers):
-            for blk in getattr(model, f"layer{i + 1}"):
-                down = None if blk.downsample is None else FusedConv(blk.downsample[0], blk.downsample[1], "none")
-                self.blocks.append((FusedConv(blk.conv1, blk.bn1, "relu"), FusedConv(blk.conv2, blk.bn2, "none"), down))
-        self.fc_weight, self.fc_bias = model.fc.weight.detach(), model.fc.bias.detach()
-        self.num_classes = model.num_classes
 
     def stale(self, model: nn.Module) -> bool:
         return self.model_id != id(model) or self.versions != _versions(model)
+
+
+def _residual_blocks(blocks, convs_of) -> list:
+    """(fused convolutions, fused downsample or None, the eager non-local block or None) per
+    block; ``convs_of(block)`` names its (conv, bn) pairs in order."""
+    plan = []
+    for blk in blocks:
+        pairs = convs_of(blk)
+        convs = [FusedConv(c, b, "relu") for c, b in pairs[:-1]] + [FusedConv(*pairs[-1], "none")]
+        down = None if blk.downsample is None else FusedConv(blk.downsample[0], blk.downsample[1], "none")
+        plan.append((convs, down, getattr(blk, "nonlocal_block", None)))
+    return plan
+
+
+def _run_blocks(x: torch.Tensor, blocks) -> torch.Tensor:
+    for convs, down, nonlocal_block in blocks:
+        identity = x if down is None else down(x)
+        for conv in convs[:-1]:
+            x = conv(x)
+        x = convs[-1](x, residual=identity)  # relu(bn(conv(x)) + identity)
+        if nonlocal_block is not None:
+            x = nonlocal_block(x)
+    return x
+
+
+class FramePlan(_Plan):
+    """A FrameClassifier's forward as fused oneDNN convolutions (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.mean, self.std = model.mean.view(1, 3, 1, 1, 1), model.std.view(1, 3, 1, 1, 1)
+        self.stem = FusedConv(model.conv1, model.bn1, "relu")
+        self.stem_pool = model.stem_pool
+        self.blocks = _residual_blocks([blk for i in range(model.n_layers) for blk in getattr(model, f"layer{i + 1}")],
+                                       lambda b: [(b.conv1, b.bn1), (b.conv2, b.bn2)])
+        self.fc_weight, self.fc_bias = model.fc.weight.detach(), model.fc.bias.detach()
+        self.num_classes = model.num_classes
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         b, t = frames.shape[0], frames.shape[2]
@@ -117,30 +148,73 @@ class FramePlan:
         x = self.stem(x)  # oneDNN's output is channels-last from here on
         if self.stem_pool:
             x = torch.nn.functional.max_pool2d(x, 3, 2, 1)
-        for conv1, conv2, down in self.blocks:
-            identity = x if down is None else down(x)
-            x = conv2(conv1(x), residual=identity)
+        x = _run_blocks(x, self.blocks)
         x = torch.addmm(self.fc_bias, x.mean((2, 3)), self.fc_weight.t())
         return x.reshape(b, t, self.num_classes)
 
 
+class ClipPlan(_Plan):
+    """An I3DResNet's forward as fused oneDNN 3-D convolutions (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.mean, self.std = model.mean, model.std
+        conv, bn, _, self.stem_pool = model.first_stage
+        self.stem = FusedConv(conv, bn, "relu")
+        self.pool2 = model.pool2
+        bottleneck = model.block == "bottleneck"
+        self.stages = [_residual_blocks(layer, lambda b: [(b.conv1, b.bn1), (b.conv2, b.bn2)]
+                                        + ([(b.conv3, b.bn3)] if bottleneck else []))
+                       for layer in model.res_layers]
+        self.fc_weight, self.fc_bias = model.fc.weight.detach(), model.fc.bias.detach()
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        x = self.stem_pool(self.stem((frames - self.mean).div_(self.std)))
+        for i, stage in enumerate(self.stages):
+            x = _run_blocks(x, stage)
+            if i == 0:
+                x = self.pool2(x)
+        return torch.addmm(self.fc_bias, x.mean((2, 3, 4)), self.fc_weight.t())  # dropout: identity in eval
+
+
+class FusedInference:
+    """Mixin of the models that have a plan: off until :func:`use_fused_inference`; the plan
+    is built on first use and never copied or pickled."""
+
+    fused_inference = False
+    _plan = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_plan": None}
+
+    def fused_forward(self, frames: torch.Tensor) -> torch.Tensor | None:
+        """The plan's output for ``frames`` where it applies (:func:`plan_applies`), else None."""
+        if not self.fused_inference or not plan_applies(self, frames):
+            return None
+        if self._plan is None or self._plan.stale(self):
+            self._plan = PLANS[type(self).__name__](self)
+        return self._plan(frames)
+
+
+PLANS = {"FrameClassifier": FramePlan, "I3DResNet": ClipPlan}
+
+
 def plan_applies(model: nn.Module, frames: torch.Tensor) -> bool:
     """Whether a call of ``model`` on ``frames`` may take the fused plan."""
+    weight = model.fc.weight
     return (not model.training and not torch.is_grad_enabled() and frames.device.type == "cpu"
-            and frames.dtype == torch.float32 and frames.ndim == 5 and model.conv1.weight.dtype == torch.float32
-            and model.conv1.weight.device.type == "cpu" and torch.backends.mkldnn.enabled
+            and frames.dtype == torch.float32 and frames.ndim == 5 and weight.dtype == torch.float32
+            and weight.device.type == "cpu" and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
             and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export()
             and not torch.compiler.is_compiling() and not _exporting())
 
 
 def use_fused_inference(model: nn.Module) -> bool:
-    """Let a FrameClassifier run inference through a :class:`FramePlan` (built on first
+    """Let a FrameClassifier or I3DResNet run inference through its plan (built on first
     use); returns False, changing nothing, for any other module or where PyTorch lacks the
     oneDNN operators."""
-    from .frame_classifier import FrameClassifier
-
-    if not isinstance(model, FrameClassifier) or not _mkldnn_ops_available():
+    if not isinstance(model, FusedInference) or type(model).__name__ not in PLANS or not _mkldnn_ops_available():
         return False
     model.fused_inference = True
     return True

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..registry import RECOGNIZER_IO, ComponentSpec, Role, register
 from .frame_classifier import IMAGENET_MEAN, IMAGENET_STD
+from .fused import FusedInference
 
 R50_BLOCKS = (3, 4, 6, 3)
 R101_BLOCKS = (3, 4, 23, 3)
@@ -108,7 +109,7 @@ class BasicBlock3D(nn.Module):
 BLOCKS = {"bottleneck": Bottleneck, "basic": BasicBlock3D}
 
 
-class I3DResNet(nn.Module):
+class I3DResNet(FusedInference, nn.Module):
     """frames (B, 3, T, H, W) in [0, 1] -> logits (B, num_classes)."""
 
     def __init__(self, num_classes: int = 400, blocks: Sequence[int] = R50_BLOCKS,
@@ -149,6 +150,9 @@ class I3DResNet(nn.Module):
         self.head = nn.Sequential(self.dp, self.fc)  # the same modules under a second name, as saved
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        fused = self.fused_forward(frames)  # vpure.runtime.models.fused, after use_fused_inference
+        if fused is not None:
+            return fused
         x = self.first_stage((frames - self.mean) / self.std)
         for i, layer in enumerate(self.res_layers):
             x = layer(x)

@@ -1,4 +1,4 @@
-"""The frame classifier's fused oneDNN inference plan (vpure.runtime.models.fused)."""
+"""Fused oneDNN inference plans of the frame classifier and the I3D recognisers (vpure.runtime.models.fused)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ import pytest
 import torch
 
 from vpure.runtime.models.frame_classifier import FrameClassifier
-from vpure.runtime.models.fused import FramePlan, use_fused_inference
+from vpure.runtime.models.fused import ClipPlan, FramePlan, use_fused_inference
+from vpure.runtime.models.i3d import I3DResNet
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch's oneDNN (mkldnn)")
 
 
-def _trained_looking(model: FrameClassifier, seed: int = 0) -> FrameClassifier:
+def _trained_looking(model, seed: int = 0):
     """Batch norms with non-trivial statistics and affine terms, as a trained network has."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             n = m.num_features
             m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
@@ -109,6 +110,34 @@ def test_weights_are_blocked_per_input_shape_for_the_last_few_shapes():
         for t in (16, 1, 7, 2, 3, 16, 5, 1):  # more shapes than are kept, some coming back
             x = torch.rand(1, 3, t, 64, 64, generator=g)
             assert torch.allclose(fused(x), ref(x), atol=1e-4, rtol=1e-4), t
-    for conv in [fused._plan.stem] + [c for block in fused._plan.blocks for c in block if c is not None]:
+    plan = fused._plan
+    for conv in [plan.stem] + [c for convs, down, _ in plan.blocks for c in convs + [down] if c is not None]:
         assert len(conv.packed) == conv.SHAPES
         assert [shape[0] for shape in conv.packed] == [2, 3, 16, 5, 1][-conv.SHAPES:]  # least recent first
+
+
+CLIP_ARCHS = [  # the mini-world's kind (basic blocks, a non-local block, no stem pool) and I3D-R50's kind
+    dict(num_classes=5, blocks=(1, 1), inflate=((1,), (0,)), nonlocal_=((0,), (1,)), base_width=8,
+         block="basic", stem_pool=False),
+    dict(num_classes=6, blocks=(2, 1), inflate=((1, 0), (1,)), nonlocal_=((0, 1), (0,)), base_width=4,
+         block="bottleneck", stem_pool=True),
+]
+
+
+@pytest.mark.parametrize("arch", CLIP_ARCHS)
+def test_i3d_plan_gives_the_eager_logits_and_gradients_take_the_eager_layers(arch):
+    ref = _trained_looking(I3DResNet(**arch))
+    fused = copy.deepcopy(ref)
+    assert use_fused_inference(fused)
+    g = torch.Generator().manual_seed(6)
+    for shape in [(1, 3, 16, 64, 64), (2, 3, 8, 48, 56)]:
+        x = torch.rand(shape, generator=g)
+        with torch.inference_mode():
+            want, got = ref(x), fused(x)
+        assert isinstance(fused._plan, ClipPlan) and got.shape == want.shape == (shape[0], arch["num_classes"])
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref(xa).logsumexp(-1).sum().backward()
+    fused(xb).logsumexp(-1).sum().backward()  # attacks differentiate the recogniser: eager
+    assert torch.equal(xa.grad, xb.grad)
+    assert fused.state_dict().keys() == ref.state_dict().keys()
