@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..registry import ComponentSpec, Role, TensorSpec, register
-from .fused import FusedInference
+from .fused import FramePlan, FusedInference
 from .layout import frames_to_batch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,6 +38,8 @@ class BasicBlock(nn.Module):
 
 class FrameClassifier(FusedInference, nn.Module):
     """frames (B, 3, T, H, W) in [0, 1] -> per-frame logits (B, T, num_classes)."""
+
+    plan_type = FramePlan
 
     def __init__(self, num_classes: int, widths=(64, 128, 256, 512), depths=(2, 2, 2, 2),
                  stem_width: int = 64, mean=IMAGENET_MEAN, std=IMAGENET_STD, stem_pool: bool = True):

@@ -49,8 +49,8 @@ def _fold(conv: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 class FusedConv:
     """``post(bn(conv(x)))`` for fp32 CPU inputs of a ``Conv2d`` or ``Conv3d`` as one oneDNN
-    convolution; ``post`` is
-    ``"relu"`` or ``"none"``, or, when called with ``residual``, ``relu(. + residual)``.
+    convolution; ``post`` is ``"relu"`` or ``"none"``, or, when called with ``residual``,
+    ``relu(. + residual)``.
 
     The blocked weight layout oneDNN wants depends on the input's shape (a weight blocked for
     16 frames costs one frame 2.5x its eager time), so the weight is reordered once per input
@@ -178,9 +178,10 @@ class ClipPlan(_Plan):
 
 
 class FusedInference:
-    """Mixin of the models that have a plan: off until :func:`use_fused_inference`; the plan
-    is built on first use and never copied or pickled."""
+    """Mixin of the models that have a plan (``plan_type``): off until
+    :func:`use_fused_inference`; the plan is built on first use and never copied or pickled."""
 
+    plan_type: type | None = None
     fused_inference = False
     _plan = None
 
@@ -192,11 +193,8 @@ class FusedInference:
         if not self.fused_inference or not plan_applies(self, frames):
             return None
         if self._plan is None or self._plan.stale(self):
-            self._plan = PLANS[type(self).__name__](self)
+            self._plan = self.plan_type(self)
         return self._plan(frames)
-
-
-PLANS = {"FrameClassifier": FramePlan, "I3DResNet": ClipPlan}
 
 
 def plan_applies(model: nn.Module, frames: torch.Tensor) -> bool:
@@ -214,7 +212,7 @@ def use_fused_inference(model: nn.Module) -> bool:
     """Let a FrameClassifier or I3DResNet run inference through its plan (built on first
     use); returns False, changing nothing, for any other module or where PyTorch lacks the
     oneDNN operators."""
-    if not isinstance(model, FusedInference) or type(model).__name__ not in PLANS or not _mkldnn_ops_available():
+    if getattr(model, "plan_type", None) is None or not _mkldnn_ops_available():
         return False
     model.fused_inference = True
     return True

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..registry import RECOGNIZER_IO, ComponentSpec, Role, register
 from .frame_classifier import IMAGENET_MEAN, IMAGENET_STD
-from .fused import FusedInference
+from .fused import ClipPlan, FusedInference
 
 R50_BLOCKS = (3, 4, 6, 3)
 R101_BLOCKS = (3, 4, 23, 3)
@@ -111,6 +111,8 @@ BLOCKS = {"bottleneck": Bottleneck, "basic": BasicBlock3D}
 
 class I3DResNet(FusedInference, nn.Module):
     """frames (B, 3, T, H, W) in [0, 1] -> logits (B, num_classes)."""
+
+    plan_type = ClipPlan
 
     def __init__(self, num_classes: int = 400, blocks: Sequence[int] = R50_BLOCKS,
                  inflate: Sequence[Sequence[int]] = R50_INFLATE, nonlocal_: Sequence[Sequence[int]] | None = NL5_R50,
