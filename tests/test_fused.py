@@ -12,6 +12,8 @@ from vpure.runtime.models.frame_classifier import FrameClassifier
 from vpure.runtime.models.fused import ClipPlan, FramePlan, use_fused_inference
 from vpure.runtime.models.i3d import I3DResNet
 
+from helpers import assert_close
+
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch's oneDNN (mkldnn)")
 
 
@@ -51,12 +53,12 @@ def test_fused_plan_gives_the_eager_logits(arch, shape):
         want_no_grad = ref(x[:, :, :, :-8])
     assert isinstance(fused._plan, FramePlan)
     assert got.shape == want.shape == (shape[0], shape[2], arch["num_classes"])
-    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
-    assert torch.allclose(got_no_grad, want_no_grad, atol=1e-4, rtol=1e-4)
+    assert_close(got, want, atol=1e-4, rtol=1e-4, name="logits")
+    assert_close(got_no_grad, want_no_grad, atol=1e-4, rtol=1e-4, name="logits under no_grad")
     # a view with odd strides (a time slice of a channels-last clip) reads the same frames
     xs = x.contiguous(memory_format=torch.channels_last_3d)[:, :, ::2]
     with torch.inference_mode():
-        assert torch.allclose(fused(xs), ref(xs.contiguous()), atol=1e-4, rtol=1e-4)
+        assert_close(fused(xs), ref(xs.contiguous()), atol=1e-4, rtol=1e-4, name="logits of a strided view")
 
 
 def test_gradients_training_and_state_take_the_eager_layers():
@@ -83,11 +85,12 @@ def test_weights_changed_in_place_rebuild_the_plan_and_copies_drop_it():
     with torch.inference_mode():
         after, want = fused(x), other(x)
     assert fused._plan is not plan
-    assert torch.allclose(after, want, atol=1e-4, rtol=1e-4) and not torch.allclose(after, before, atol=1e-3)
+    assert_close(after, want, atol=1e-4, rtol=1e-4, name="logits after load_state_dict")
+    assert not torch.allclose(after, before, atol=1e-3)
     for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
         assert clone._plan is None and clone.fused_inference
         with torch.inference_mode():
-            assert torch.allclose(clone(x), want, atol=1e-4, rtol=1e-4)
+            assert_close(clone(x), want, atol=1e-4, rtol=1e-4, name="logits of a copy")
 
 
 def test_tracing_records_the_eager_graph_and_other_modules_are_left_alone():
@@ -98,7 +101,7 @@ def test_tracing_records_the_eager_graph_and_other_modules_are_left_alone():
     graph = str(traced.inlined_graph)
     assert "_convolution_pointwise" not in graph and "aten::_convolution" in graph
     with torch.inference_mode():
-        assert torch.allclose(traced(x), ref(x), atol=1e-5)
+        assert_close(traced(x), ref(x), atol=1e-5, name="traced logits")
     conv = torch.nn.Conv2d(3, 4, 3)
     assert not use_fused_inference(conv) and not hasattr(conv, "fused_inference")
 
@@ -109,7 +112,7 @@ def test_weights_are_blocked_per_input_shape_for_the_last_few_shapes():
     with torch.inference_mode():
         for t in (16, 1, 7, 2, 3, 16, 5, 1):  # more shapes than are kept, some coming back
             x = torch.rand(1, 3, t, 64, 64, generator=g)
-            assert torch.allclose(fused(x), ref(x), atol=1e-4, rtol=1e-4), t
+            assert_close(fused(x), ref(x), atol=1e-4, rtol=1e-4, name=f"logits at {t} frames")
     plan = fused._plan
     for conv in [plan.stem] + [c for convs, down, _ in plan.blocks for c in convs + [down] if c is not None]:
         assert len(conv.packed) == conv.SHAPES
@@ -135,7 +138,7 @@ def test_i3d_plan_gives_the_eager_logits_and_gradients_take_the_eager_layers(arc
         with torch.inference_mode():
             want, got = ref(x), fused(x)
         assert isinstance(fused._plan, ClipPlan) and got.shape == want.shape == (shape[0], arch["num_classes"])
-        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+        assert_close(got, want, atol=1e-4, rtol=1e-4, name=f"I3D logits {shape}")
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ref(xa).logsumexp(-1).sum().backward()
     fused(xb).logsumexp(-1).sum().backward()  # attacks differentiate the recogniser: eager
