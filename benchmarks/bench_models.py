@@ -2,8 +2,8 @@
 flow networks at one clip, torch eager fp32 on this machine; ``--conv3d`` times each 3-D
 recogniser on one clip with PyTorch's own Conv3d kernel choice against BlockedConv3d (every
 layer on oneDNN), ``--conv-layout`` the recognisers and frame classifiers with default against
-channels-last convolution weights, ``--fused`` the frame classifiers and I3D recognisers as
-loaded before (eager) against their fused oneDNN plans; all interleaved, logits compared.
+channels-last convolution weights, ``--fused`` the frame classifiers and the I3D and SlowFast
+recognisers as loaded before (eager) against their fused oneDNN plans; all interleaved, logits compared.
 
 Run from the repository root:
   .venv/bin/python -m benchmarks.bench_models [--tiny-only] [--conv3d] [--conv-layout] [--fused] [--csv PATH]
@@ -132,6 +132,7 @@ def _fusable_networks():
     from vpure.runtime.models.conv import use_blocked_conv3d, use_channels_last
     from vpure.runtime.models.frame_classifier import FrameClassifier
     from vpure.runtime.models.i3d import i3d_resnet50
+    from vpure.runtime.models.slowfast import slowfast_r50
 
     g = torch.Generator().manual_seed(0)
     gate = load("frame_classifier").eval()
@@ -149,10 +150,13 @@ def _fusable_networks():
     use_blocked_conv3d(rec)
     for size in (112, 224):
         yield f"I3D-R50, 32x{size}x{size}", rec, torch.rand(1, 3, 32, size, size, generator=g)
+    rec = slowfast_r50(400).eval()
+    use_blocked_conv3d(rec)
+    yield "SlowFast-R50, 32x224x224", rec, torch.rand(1, 3, 32, 224, 224, generator=g)
 
 
 def bench_fused(csv_path=None, iters: int = 5) -> list:
-    """Each frame classifier and I3D recogniser as ``vpure run`` loaded it before (eager;
+    """Each frame classifier and I3D / SlowFast recogniser as ``vpure run`` loaded it before (eager;
     channels-last weights for the frame classifiers, BlockedConv3d for the recognisers)
     against its fused plan (:func:`vpure.runtime.models.fused.use_fused_inference`: batch norm
     folded, ReLU and residual add fused into the convolutions, weights prepacked), timed in
@@ -175,7 +179,7 @@ def main(argv=None) -> None:
     p.add_argument("--conv-layout", action="store_true",
                    help="only the convolution weight layout comparison (default vs channels-last)")
     p.add_argument("--fused", action="store_true",
-                   help="only the frame classifiers and I3D recognisers, eager against their fused oneDNN plans")
+                   help="only the frame classifiers and I3D/SlowFast recognisers, eager against their fused plans")
     p.add_argument("--csv", default="benchmarks/results/results.csv")
     args = p.parse_args(argv)
     if args.fused:

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from vpure.runtime.models.frame_classifier import FrameClassifier
-from vpure.runtime.models.fused import ClipPlan, FramePlan, use_fused_inference
+from vpure.runtime.models.fused import ClipPlan, FramePlan, SlowFastPlan, use_fused_inference
+from vpure.runtime.errors import InputError
 from vpure.runtime.models.i3d import I3DResNet
+from vpure.runtime.models.slowfast import SlowFast
 
 from helpers import assert_close
 
@@ -144,3 +146,22 @@ def test_i3d_plan_gives_the_eager_logits_and_gradients_take_the_eager_layers(arc
     fused(xb).logsumexp(-1).sum().backward()  # attacks differentiate the recogniser: eager
     assert torch.equal(xa.grad, xb.grad)
     assert fused.state_dict().keys() == ref.state_dict().keys()
+
+
+def test_slowfast_plan_gives_the_eager_logits_and_keeps_the_input_check():
+    ref = _trained_looking(SlowFast(num_classes=5, depths=(1, 2, 1, 1), stem_width=16))
+    fused = copy.deepcopy(ref)
+    assert use_fused_inference(fused)
+    g = torch.Generator().manual_seed(7)
+    for shape in [(1, 3, 16, 64, 64), (2, 3, 8, 40, 48)]:
+        x = torch.rand(shape, generator=g)
+        with torch.inference_mode():
+            want, got = ref(x), fused(x)
+        assert isinstance(fused._plan, SlowFastPlan)
+        assert_close(got, want, atol=1e-4, rtol=1e-4, name=f"SlowFast logits {shape}")
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref(xa).logsumexp(-1).sum().backward()
+    fused(xb).logsumexp(-1).sum().backward()
+    assert torch.equal(xa.grad, xb.grad)
+    with torch.inference_mode(), pytest.raises(InputError, match="multiple of alpha"):
+        fused(torch.rand(1, 3, 6, 64, 64))

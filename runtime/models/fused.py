@@ -11,7 +11,8 @@ reordered into oneDNN's blocked layout once per input shape, instead of on every
 :class:`FramePlan` is that plan for a
 :class:`~vpure.runtime.models.frame_classifier.FrameClassifier` (2-D, frames batched) and
 :class:`ClipPlan` for an :class:`~vpure.runtime.models.i3d.I3DResNet` (3-D, basic or
-bottleneck blocks; non-local blocks run eagerly). After :func:`use_fused_inference` the
+bottleneck blocks; non-local blocks run eagerly), :class:`SlowFastPlan` for a
+:class:`~vpure.runtime.models.slowfast.SlowFast`. After :func:`use_fused_inference` the
 model's ``forward`` takes its plan for fp32 CPU calls without autograd in eval mode, and
 its own eager layers for anything else (training, gradients for the adaptive attacks,
 autocast, CUDA, tracing or ONNX export). The plan is not part of the module's state:
@@ -105,15 +106,16 @@ class _Plan:
         return self.model_id != id(model) or self.versions != _versions(model)
 
 
-def _residual_blocks(blocks, convs_of) -> list:
+def _residual_blocks(blocks, convs_of, down_of=lambda b: b.downsample) -> list:
     """(fused convolutions, fused downsample or None, the eager non-local block or None) per
-    block; ``convs_of(block)`` names its (conv, bn) pairs in order."""
+    block; ``convs_of(block)`` names its (conv, bn) pairs in order, ``down_of(block)`` its
+    shortcut's (conv, bn) or None."""
     plan = []
     for blk in blocks:
-        pairs = convs_of(blk)
+        pairs, down = convs_of(blk), down_of(blk)
         convs = [FusedConv(c, b, "relu") for c, b in pairs[:-1]] + [FusedConv(*pairs[-1], "none")]
-        down = None if blk.downsample is None else FusedConv(blk.downsample[0], blk.downsample[1], "none")
-        plan.append((convs, down, getattr(blk, "nonlocal_block", None)))
+        plan.append((convs, None if down is None else FusedConv(down[0], down[1], "none"),
+                     getattr(blk, "nonlocal_block", None)))
     return plan
 
 
@@ -177,6 +179,51 @@ class ClipPlan(_Plan):
         return torch.addmm(self.fc_bias, x.mean((2, 3, 4)), self.fc_weight.t())  # dropout: identity in eval
 
 
+class SlowFastPlan(_Plan):
+    """A SlowFast's forward as fused oneDNN 3-D convolutions: both pathways' stems and
+    bottleneck blocks and the fast-to-slow lateral convolutions (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.mean, self.std, self.alpha = model.mean, model.std, model.alpha
+        self.stages = []  # per MultiPathway block: ([slow path, fast path], lateral conv or None)
+        for block in model.blocks[:-2]:
+            paths = [self._path(p) for p in block.multipathway_blocks]
+            fusion = block.multipathway_fusion
+            lateral = None if isinstance(fusion, nn.Identity) else FusedConv(fusion.conv_fast_to_slow, fusion.norm,
+                                                                              "relu")
+            self.stages.append((paths, lateral))
+        proj = model.blocks[-1].proj
+        self.fc_weight, self.fc_bias = proj.weight.detach(), proj.bias.detach()
+
+    @staticmethod
+    def _path(stage: nn.Module):
+        if hasattr(stage, "res_blocks"):
+            return _residual_blocks(
+                stage.res_blocks, lambda b: [(b.branch2.conv_a, b.branch2.norm_a), (b.branch2.conv_b, b.branch2.norm_b),
+                                             (b.branch2.conv_c, b.branch2.norm_c)],
+                lambda b: None if b.branch1_conv is None else (b.branch1_conv, b.branch1_norm))
+        return FusedConv(stage.conv, stage.norm, "relu"), stage.pool  # a stem
+
+    @staticmethod
+    def _run(x: torch.Tensor, path) -> torch.Tensor:
+        if isinstance(path, tuple):
+            conv, pool = path
+            return pool(conv(x))
+        return _run_blocks(x, path)
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        t = frames.shape[2]
+        fast = (frames - self.mean).div_(self.std)
+        slow = fast.index_select(2, torch.linspace(0, t - 1, t // self.alpha).long())  # as SlowFast.forward
+        for (slow_path, fast_path), lateral in self.stages:
+            slow, fast = self._run(slow, slow_path), self._run(fast, fast_path)
+            if lateral is not None:
+                slow = torch.cat([slow, lateral(fast)], dim=1)
+        pooled = torch.cat([slow.mean((2, 3, 4)), fast.mean((2, 3, 4))], dim=1)
+        return torch.addmm(self.fc_bias, pooled, self.fc_weight.t())  # dropout: identity in eval
+
+
 class FusedInference:
     """Mixin of the models that have a plan (``plan_type``): off until
     :func:`use_fused_inference`; the plan is built on first use and never copied or pickled."""
@@ -199,7 +246,7 @@ class FusedInference:
 
 def plan_applies(model: nn.Module, frames: torch.Tensor) -> bool:
     """Whether a call of ``model`` on ``frames`` may take the fused plan."""
-    weight = model.fc.weight
+    weight = next(model.parameters())
     return (not model.training and not torch.is_grad_enabled() and frames.device.type == "cpu"
             and frames.dtype == torch.float32 and frames.ndim == 5 and weight.dtype == torch.float32
             and weight.device.type == "cpu" and torch.backends.mkldnn.enabled
@@ -209,7 +256,7 @@ def plan_applies(model: nn.Module, frames: torch.Tensor) -> bool:
 
 
 def use_fused_inference(model: nn.Module) -> bool:
-    """Let a FrameClassifier or I3DResNet run inference through its plan (built on first
+    """Let a FrameClassifier, I3DResNet or SlowFast run inference through its plan (built on first
     use); returns False, changing nothing, for any other module or where PyTorch lacks the
     oneDNN operators."""
     if getattr(model, "plan_type", None) is None or not _mkldnn_ops_available():

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InputError
 from ..registry import RECOGNIZER_IO, ComponentSpec, Role, register
+from .fused import FusedInference, SlowFastPlan
 
 KINETICS_MEAN, KINETICS_STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)
 R50_DEPTHS = (3, 4, 6, 3)
@@ -121,8 +122,10 @@ class Head(nn.Module):
         return self.proj(self.dropout(x).flatten(1))
 
 
-class SlowFast(nn.Module):
+class SlowFast(FusedInference, nn.Module):
     """frames (B, 3, T, H, W) in [0, 1], T % alpha == 0 -> logits (B, num_classes)."""
+
+    plan_type = SlowFastPlan
 
     def __init__(self, num_classes: int = 400, depths: Sequence[int] = R50_DEPTHS, alpha: int = 4,
                  beta_inv: int = 8, stem_width: int = 64, dropout: float = 0.5):
@@ -150,6 +153,9 @@ class SlowFast(nn.Module):
         t = frames.shape[2]
         if not torch.jit.is_tracing() and t % self.alpha:
             raise InputError(f"SlowFast needs T to be a multiple of alpha={self.alpha}, got T={t}")
+        fused = self.fused_forward(frames)  # vpure.runtime.models.fused, after use_fused_inference
+        if fused is not None:
+            return fused
         fast = (frames - self.mean) / self.std
         idx = torch.linspace(0, t - 1, t // self.alpha, device=frames.device).long()  # pytorchvideo's PackPathway
         slow = fast.index_select(2, idx)
