@@ -129,39 +129,34 @@ CLIP_ARCHS = [  # the mini-world's kind (basic blocks, a non-local block, no ste
 ]
 
 
-@pytest.mark.parametrize("arch", CLIP_ARCHS)
-def test_i3d_plan_gives_the_eager_logits_and_gradients_take_the_eager_layers(arch):
-    ref = _trained_looking(I3DResNet(**arch))
+def _check_recogniser(ref, classes: int, plan_type, shapes, seed: int, name: str):
+    """A fused copy of ``ref`` gives its ``classes`` logits on each clip shape through a ``plan_type``
+    plan, and bit-identical input gradients through the eager layers; returns the copy."""
     fused = copy.deepcopy(ref)
     assert use_fused_inference(fused)
-    g = torch.Generator().manual_seed(6)
-    for shape in [(1, 3, 16, 64, 64), (2, 3, 8, 48, 56)]:
+    g = torch.Generator().manual_seed(seed)
+    for shape in shapes:
         x = torch.rand(shape, generator=g)
         with torch.inference_mode():
             want, got = ref(x), fused(x)
-        assert isinstance(fused._plan, ClipPlan) and got.shape == want.shape == (shape[0], arch["num_classes"])
-        assert_close(got, want, atol=1e-4, rtol=1e-4, name=f"I3D logits {shape}")
+        assert isinstance(fused._plan, plan_type) and got.shape == want.shape == (shape[0], classes)
+        assert_close(got, want, atol=1e-4, rtol=1e-4, name=f"{name} logits {shape}")
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ref(xa).logsumexp(-1).sum().backward()
     fused(xb).logsumexp(-1).sum().backward()  # attacks differentiate the recogniser: eager
     assert torch.equal(xa.grad, xb.grad)
+    return fused
+
+
+@pytest.mark.parametrize("arch", CLIP_ARCHS)
+def test_i3d_plan_gives_the_eager_logits_and_gradients_take_the_eager_layers(arch):
+    ref = _trained_looking(I3DResNet(**arch))
+    fused = _check_recogniser(ref, arch["num_classes"], ClipPlan, [(1, 3, 16, 64, 64), (2, 3, 8, 48, 56)], 6, "I3D")
     assert fused.state_dict().keys() == ref.state_dict().keys()
 
 
 def test_slowfast_plan_gives_the_eager_logits_and_keeps_the_input_check():
     ref = _trained_looking(SlowFast(num_classes=5, depths=(1, 2, 1, 1), stem_width=16))
-    fused = copy.deepcopy(ref)
-    assert use_fused_inference(fused)
-    g = torch.Generator().manual_seed(7)
-    for shape in [(1, 3, 16, 64, 64), (2, 3, 8, 40, 48)]:
-        x = torch.rand(shape, generator=g)
-        with torch.inference_mode():
-            want, got = ref(x), fused(x)
-        assert isinstance(fused._plan, SlowFastPlan)
-        assert_close(got, want, atol=1e-4, rtol=1e-4, name=f"SlowFast logits {shape}")
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ref(xa).logsumexp(-1).sum().backward()
-    fused(xb).logsumexp(-1).sum().backward()
-    assert torch.equal(xa.grad, xb.grad)
+    fused = _check_recogniser(ref, 5, SlowFastPlan, [(1, 3, 16, 64, 64), (2, 3, 8, 40, 48)], 7, "SlowFast")
     with torch.inference_mode(), pytest.raises(InputError, match="multiple of alpha"):
         fused(torch.rand(1, 3, 6, 64, 64))

@@ -18,13 +18,19 @@ import torch
 from torch import nn
 
 
-def _onednn_applies(conv: nn.Conv3d, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.ndim == 5 and x.dtype == torch.float32 and weight.dtype == x.dtype
-            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+def onednn_call_allowed() -> bool:
+    """Whether an fp32 CPU call may go straight to oneDNN: it is available and enabled, and
+    nothing is autocasting or capturing a graph (tracing, scripting, ONNX or ``torch.export``,
+    ``torch.compile``), which must see the standard PyTorch operators."""
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
             and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export()
             and not torch.compiler.is_compiling() and not _exporting())
+
+
+def _onednn_applies(conv: nn.Conv3d, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.ndim == 5 and x.dtype == torch.float32 and weight.dtype == x.dtype
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and onednn_call_allowed())
 
 
 def _exporting() -> bool:

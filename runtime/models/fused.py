@@ -17,8 +17,9 @@ model's ``forward`` takes its plan for fp32 CPU calls without autograd in eval m
 its own eager layers for anything else (training, gradients for the adaptive attacks,
 autocast, CUDA, tracing or ONNX export). The plan is not part of the module's state:
 parameters and state dict are unchanged, copies and pickles leave it behind, and a plan
-whose source weights were modified in place (``load_state_dict``, an optimiser step) is
-rebuilt on the next call. ``python -m benchmarks.bench_models --fused`` measures it.
+whose source weights were modified in place (``load_state_dict``, an optimiser step,
+``.to()``) is rebuilt on the next call; a parameter *replaced* by a new object needs
+:func:`use_fused_inference` again. ``python -m benchmarks.bench_models --fused`` measures it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import threading
 import torch
 from torch import nn
 
-from .conv import _exporting
+from .conv import onednn_call_allowed
 from .layout import frames_to_batch
 
 
@@ -93,17 +94,20 @@ class FusedConv:
                                                               "relu", [], "")
 
 
-def _versions(model: nn.Module) -> tuple[tuple[int, int], ...]:
-    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+def _versions(tensors) -> tuple[tuple[int, int], ...]:
+    return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
 class _Plan:
     def __init__(self, model: nn.Module):
         self.model_id = id(model)
-        self.versions = _versions(model)
+        # the tensors the plan was built from, checked on every call: walking the module tree
+        # instead costs ~0.2 ms, 1/8 of a single frame's label on the mini-world gate
+        self.sources = [*model.parameters(), *model.buffers()]
+        self.versions = _versions(self.sources)
 
     def stale(self, model: nn.Module) -> bool:
-        return self.model_id != id(model) or self.versions != _versions(model)
+        return self.model_id != id(model) or self.versions != _versions(self.sources)
 
 
 def _residual_blocks(blocks, convs_of, down_of=lambda b: b.downsample) -> list:
@@ -185,7 +189,7 @@ class SlowFastPlan(_Plan):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.mean, self.std, self.alpha = model.mean, model.std, model.alpha
+        self.pathways = model.pathways
         self.stages = []  # per MultiPathway block: ([slow path, fast path], lateral conv or None)
         for block in model.blocks[:-2]:
             paths = [self._path(p) for p in block.multipathway_blocks]
@@ -213,9 +217,7 @@ class SlowFastPlan(_Plan):
         return _run_blocks(x, path)
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        t = frames.shape[2]
-        fast = (frames - self.mean).div_(self.std)
-        slow = fast.index_select(2, torch.linspace(0, t - 1, t // self.alpha).long())  # as SlowFast.forward
+        slow, fast = self.pathways(frames)
         for (slow_path, fast_path), lateral in self.stages:
             slow, fast = self._run(slow, slow_path), self._run(fast, fast_path)
             if lateral is not None:
@@ -249,10 +251,7 @@ def plan_applies(model: nn.Module, frames: torch.Tensor) -> bool:
     weight = next(model.parameters())
     return (not model.training and not torch.is_grad_enabled() and frames.device.type == "cpu"
             and frames.dtype == torch.float32 and frames.ndim == 5 and weight.dtype == torch.float32
-            and weight.device.type == "cpu" and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
-            and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export()
-            and not torch.compiler.is_compiling() and not _exporting())
+            and weight.device.type == "cpu" and onednn_call_allowed())
 
 
 def use_fused_inference(model: nn.Module) -> bool:
@@ -262,4 +261,5 @@ def use_fused_inference(model: nn.Module) -> bool:
     if getattr(model, "plan_type", None) is None or not _mkldnn_ops_available():
         return False
     model.fused_inference = True
+    model._plan = None
     return True

@@ -149,6 +149,14 @@ class SlowFast(FusedInference, nn.Module):
         blocks.append(Head(dim_in + dim_in // beta_inv, num_classes, dropout))
         self.blocks = nn.ModuleList(blocks)
 
+    def pathways(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slow, fast) pathway inputs: the normalised clip, and every alpha-th frame of it
+        (pytorchvideo's PackPathway)."""
+        t = frames.shape[2]
+        fast = (frames - self.mean) / self.std
+        idx = torch.linspace(0, t - 1, t // self.alpha, device=frames.device).long()
+        return fast.index_select(2, idx), fast
+
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         t = frames.shape[2]
         if not torch.jit.is_tracing() and t % self.alpha:
@@ -156,9 +164,7 @@ class SlowFast(FusedInference, nn.Module):
         fused = self.fused_forward(frames)  # vpure.runtime.models.fused, after use_fused_inference
         if fused is not None:
             return fused
-        fast = (frames - self.mean) / self.std
-        idx = torch.linspace(0, t - 1, t // self.alpha, device=frames.device).long()  # pytorchvideo's PackPathway
-        slow = fast.index_select(2, idx)
+        slow, fast = self.pathways(frames)
         for block in self.blocks[:-2]:
             slow, fast = block(slow, fast)
         return self.blocks[-1](self.blocks[-2](slow, fast))
