@@ -3,10 +3,12 @@ flow networks at one clip, torch eager fp32 on this machine; ``--conv3d`` times 
 recogniser on one clip with PyTorch's own Conv3d kernel choice against BlockedConv3d (every
 layer on oneDNN), ``--conv-layout`` the recognisers and frame classifiers with default against
 channels-last convolution weights, ``--fused`` the frame classifiers and the I3D and SlowFast
-recognisers as loaded before (eager) against their fused oneDNN plans; all interleaved, logits compared.
+recognisers as loaded before (eager) against their fused oneDNN plans, ``--subpixel`` the VAE
+decoders (and the `small` UNet) with diffusers' upsample-then-convolve layers against
+:class:`SubpixelUpsample`; all interleaved, outputs compared.
 
 Run from the repository root:
-  .venv/bin/python -m benchmarks.bench_models [--tiny-only] [--conv3d] [--conv-layout] [--fused] [--csv PATH]
+  .venv/bin/python -m benchmarks.bench_models [--tiny-only] [--conv3d] [--conv-layout] [--fused] [--subpixel] [--csv PATH]
 """
 
 from __future__ import annotations
@@ -172,6 +174,44 @@ def bench_fused(csv_path=None, iters: int = 5) -> list:
                     csv_path, iters, 40, lambda clip: clip.shape[-1] <= 112 and clip.shape[2] <= 16)
 
 
+class _MemberDecode(torch.nn.Module):
+    """VideoPure's decode of its members: latents (M, 4, T, h, w) through ``decode_frames``
+    (on CPU a few frames per decoder call)."""
+
+    def __init__(self, decoder: torch.nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        from vpure.runtime.defence import decode_frames
+
+        return decode_frames(self.decoder, z)
+
+
+def _upsampling_networks():
+    from vpure.runtime import presets
+    from vpure.runtime.miniworld.models import load
+    from vpure.runtime.models.diffusion import VAEDecoder
+
+    g = torch.Generator().manual_seed(0)
+    yield ("small VAE decoder, 7 members x 16 frames at 112", _MemberDecode(presets.build("small").decoder),
+           torch.randn(7, 4, 16, 14, 14, generator=g))
+    yield ("mini-world VAE decoder, 7 members x 16 frames at 64", _MemberDecode(VAEDecoder(load("vae")).eval()),
+           torch.randn(7, 4, 16, 8, 8, generator=g))
+
+
+def bench_subpixel(csv_path=None, iters: int = 5) -> list:
+    """The VAE decoders VideoPure runs (the `small` preset's, the mini-world's) with diffusers'
+    ``Upsample2D`` layers (nearest 2x, then a 3x3 convolution) against
+    :func:`~vpure.runtime.models.diffusion.use_subpixel_upsampling` (each output phase a 2x2
+    convolution on the low-resolution input), timed in interleaved rounds."""
+    from vpure.runtime.models.diffusion import use_subpixel_upsampling
+
+    return _compare("subpixel", _upsampling_networks(), use_subpixel_upsampling,
+                    ("Upsample2D (upsample, then 3x3)", "SubpixelUpsample (2x2 per phase)"),
+                    csv_path, iters, 10, lambda z: z.shape[-1] <= 8)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny-only", action="store_true")
@@ -180,8 +220,14 @@ def main(argv=None) -> None:
                    help="only the convolution weight layout comparison (default vs channels-last)")
     p.add_argument("--fused", action="store_true",
                    help="only the frame classifiers and I3D/SlowFast recognisers, eager against their fused plans")
+    p.add_argument("--subpixel", action="store_true",
+                   help="only the VAE decoders, diffusers' Upsample2D against SubpixelUpsample")
     p.add_argument("--csv", default="benchmarks/results/results.csv")
     args = p.parse_args(argv)
+    args.csv = args.csv or None
+    if args.subpixel:
+        bench_subpixel(args.csv)
+        return
     if args.fused:
         bench_fused(args.csv)
         return

@@ -111,15 +111,16 @@ def _ort_wrap(name: str, comp: str, module, precision: str, engines_dir: Path) -
 
 def cases_for(name: str, m, backends: list[str], precisions: list[str], device: str, engines_dir: Path):
     """(case name, eps_fn, encoder, decoder, parity) for each backend x precision asked."""
-    from .models.diffusion import GraphedEps, eps_fn_of, optimise_for_inference
+    from .models.diffusion import GraphedEps, eps_fn_of, optimise_for_inference, use_subpixel_upsampling
 
     out = []
     for backend in backends:
         for p in precisions:
             if backend == "torch" and p == "fp32":
-                unet = copy.deepcopy(m.unet)  # the reference keeps diffusers' own modules
+                unet, dec = copy.deepcopy(m.unet), copy.deepcopy(m.decoder)  # the reference keeps diffusers' modules
                 optimise_for_inference(unet)
-                out.append(("torch fp32", eps_fn_of(unet), m.encoder, m.decoder, _same_votes))
+                use_subpixel_upsampling(dec)
+                out.append(("torch fp32", eps_fn_of(unet), m.encoder, dec, _same_votes))
             elif backend == "torch" and p in ("bf16", "fp16"):
                 if (p == "fp16") != (device == "cuda"):
                     continue  # bf16 is the CPU's low precision, fp16 the GPU's
@@ -129,6 +130,7 @@ def cases_for(name: str, m, backends: list[str], precisions: list[str], device: 
                 dt = torch.bfloat16 if p == "bf16" else torch.float16
                 m16 = presets.build(name, device=device, dtype=dt)
                 optimise_for_inference(m16.unet)
+                use_subpixel_upsampling(m16.decoder)
                 e16 = eps_fn_of(m16.unet)
                 out.append((f"torch {p} UNet+decoder", lambda z, t, e=e16, d=dt: e(z.to(d), t).float(), m.encoder,
                             lambda z, d=dt, dec=m16.decoder: dec(z.to(d)).float(), _low_precision_parity))

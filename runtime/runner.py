@@ -121,6 +121,10 @@ def load_components(cfg: RunConfig) -> Components:
     if torch_module("frame_classifier"):
         use_channels_last(comps.frame_classifier)  # 1.1-1.2x on CPU (bench_models --conv-layout)
         use_fused_inference(comps.frame_classifier)  # ResNet-style gates: bench_models --fused
+    if torch_module("decoder"):
+        from .models.diffusion import use_subpixel_upsampling
+
+        use_subpixel_upsampling(comps.decoder)  # bench_models --subpixel
     unet_choice = cfg.runtime.components.get(REGISTRY_NAMES["unet"])
     if isinstance(comps.unet, torch.nn.Module) and (unet_choice is None or unet_choice.backend == "torch"):
         from .models.diffusion import EpsUNet, fold_temporal_convs, optimise_for_inference

@@ -390,3 +390,78 @@ def test_inference_rewrites_compute_the_same_unet_and_keep_gradients():
         ref = unet.unet(z, torch.tensor([41]), encoder_hidden_states=other.expand(2, -1, -1), return_dict=False)[0]
         got = fast.unet(z, torch.tensor([41]), encoder_hidden_states=other.expand(2, -1, -1), return_dict=False)[0]
         assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_subpixel_upsample_equals_upsample_then_convolve(channels_last, bias):
+    from diffusers.models.upsampling import Upsample2D
+
+    from vpure.runtime.models.diffusion import SubpixelUpsample
+
+    torch.manual_seed(0)
+    ref = Upsample2D(6, use_conv=True, out_channels=5, bias=bias).eval()
+    fast = SubpixelUpsample(ref.conv)
+    x = torch.randn(3, 6, 5, 7)  # odd, non-square sizes: every border phase is exercised
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want, got = ref(x), fast(x)
+        assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert got.shape == (3, 5, 10, 14) and fast._cache is not None  # the rewrite ran
+        # The output keeps the input's memory layout (oneDNN's channels-last activations flow on).
+        assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert_close(fast(x, output_size=(10, 14)), want, atol=1e-5, rtol=1e-5)
+        assert_close(fast(x, output_size=(11, 15)), ref(x, output_size=(11, 15)), atol=1e-6, rtol=1e-6)  # not 2x: upsampled as asked
+        ref.conv.weight.mul_(-2)  # weights changed in place: the derived 2x2 ones are rebuilt
+        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_subpixel_upsampling_keeps_the_decoder_its_state_and_its_gradients():
+    import copy
+    import pickle
+
+    from vpure.runtime.models.diffusion import (SubpixelUpsample, VAEDecoder, optimise_for_inference, tiny_vae,
+                                                use_subpixel_upsampling)
+
+    torch.manual_seed(0)
+    dec = VAEDecoder(tiny_vae()).eval()
+    fast = copy.deepcopy(dec)
+    n = use_subpixel_upsampling(fast)
+    assert n == 3 and sum(isinstance(m, SubpixelUpsample) for m in fast.modules()) == 3
+    assert use_subpixel_upsampling(fast) == 0
+    assert {k: v.shape for k, v in fast.state_dict().items()} == {k: v.shape for k, v in dec.state_dict().items()}
+    z = torch.randn(1, 4, 3, 8, 8)
+    with torch.inference_mode():
+        assert_close(fast(z), dec(z), atol=1e-5, rtol=1e-5)
+    # Gradients to the latents through frozen weights take the rewrite; they match diffusers'.
+    for m in (dec, fast):
+        m.requires_grad_(False)
+    za, zb = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    dec(za).square().sum().backward()
+    fast(zb).square().sum().backward()
+    assert_close(zb.grad, za.grad, atol=1e-4, rtol=1e-4)
+    # Gradients for the weights (training): diffusers' path, the same parameter gradients.
+    for m in (dec, fast):
+        m.requires_grad_(True)
+    dec(z).square().sum().backward()
+    fast(z).square().sum().backward()
+    for (name, a), b in zip(dec.named_parameters(), fast.parameters()):
+        assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, name=name)
+    # Copies and pickles do not carry the derived weights; they rebuild them from their own.
+    with torch.no_grad():
+        fast(z)
+    ups = [m for m in fast.modules() if isinstance(m, SubpixelUpsample)]
+    assert all(m._cache is not None for m in ups)
+    for clone in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        assert all(m._cache is None for m in clone.modules() if isinstance(m, SubpixelUpsample))
+        with torch.no_grad():
+            assert_close(clone(z), dec(z), atol=1e-5, rtol=1e-5)
+    # Captured graphs record diffusers' operators, not the rewrite.
+    with torch.no_grad():
+        traced = torch.jit.trace(fast, (z,))
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert "aten::upsample_nearest2d" in kinds
+    # The UNet's up blocks get it through optimise_for_inference.
+    unet = _tiny_eps_unet()
+    assert optimise_for_inference(unet)["upsamplers"] == 1

@@ -199,13 +199,15 @@ def load_world(weights_dir: str | Path | None = None) -> MiniWorld:
     classifier's convolution weights are channels-last
     (:func:`~vpure.runtime.models.conv.use_channels_last`); both run inference without
     autograd through fused oneDNN convolutions
-    (:func:`~vpure.runtime.models.fused.use_fused_inference`). State dicts and gradients are
-    unchanged."""
+    (:func:`~vpure.runtime.models.fused.use_fused_inference`). The VAE decoder upsamples by
+    sub-pixel convolutions (:func:`~vpure.runtime.models.diffusion.use_subpixel_upsampling`).
+    State dicts and gradients are unchanged."""
     from ..models.conv import use_blocked_conv3d, use_channels_last
-    from ..models.diffusion import VAEDecoder, VAEEncoder
+    from ..models.diffusion import VAEDecoder, VAEEncoder, use_subpixel_upsampling
     from ..models.fused import use_fused_inference
 
     vae = load("vae", weights_dir)
+    use_subpixel_upsampling(vae.decoder)
     recognizer = load("recognizer", weights_dir)
     frame_classifier = load("frame_classifier", weights_dir)
     use_blocked_conv3d(recognizer)

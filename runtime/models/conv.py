@@ -18,14 +18,19 @@ import torch
 from torch import nn
 
 
+def graph_capture_active() -> bool:
+    """Whether a graph is being captured (tracing, scripting, ONNX or ``torch.export``,
+    ``torch.compile``): such captures must record the standard PyTorch operators, not an
+    inference path's rewrite of them."""
+    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_compiling() or _exporting())
+
+
 def onednn_call_allowed() -> bool:
     """Whether an fp32 CPU call may go straight to oneDNN: it is available and enabled, and
-    nothing is autocasting or capturing a graph (tracing, scripting, ONNX or ``torch.export``,
-    ``torch.compile``), which must see the standard PyTorch operators."""
+    nothing is autocasting or capturing a graph."""
     return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
-            and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export()
-            and not torch.compiler.is_compiling() and not _exporting())
+            and not torch.is_autocast_enabled("cpu") and not graph_capture_active())
 
 
 def _onednn_applies(conv: nn.Conv3d, x: torch.Tensor, weight: torch.Tensor) -> bool:

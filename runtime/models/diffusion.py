@@ -179,6 +179,117 @@ def unfold_temporal_convs(module: nn.Module) -> int:
     return n
 
 
+_PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))  # (row parity, column parity) of a 2x upsample's outputs
+
+
+def _tap_groups(phase: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Which taps of a 3-wide kernel land on input rows (i - 1, i) for output row 2i
+    (phase 0) and on (i, i + 1) for output row 2i + 1 (phase 1), after a nearest 2x upsample."""
+    return ((0,), (1, 2)) if phase == 0 else ((0, 1), (2,))
+
+
+def subpixel_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A 3x3 convolution's ``(Co, Ci, 3, 3)`` weight after a nearest 2x upsample, as one 2x2
+    convolution on the low-resolution input with ``4 * Co`` outputs: output phase
+    ``(a, b)`` (row parity, column parity) holds channels ``(2a + b) * Co`` onwards."""
+    w = weight.float()
+    phases = []
+    for a in (0, 1):
+        rows = [w[:, :, list(g)].sum(2) for g in _tap_groups(a)]  # (Co, Ci, 3) per input row
+        for b in (0, 1):
+            phases.append(torch.stack([torch.stack([r[:, :, list(g)].sum(2) for g in _tap_groups(b)], -1)
+                                       for r in rows], -2))
+    out = torch.cat(phases).to(weight.dtype).contiguous()
+    return out, (None if bias is None else bias.repeat(4))
+
+
+class SubpixelUpsample(nn.Module):
+    """diffusers' ``Upsample2D`` (nearest 2x, then a 3x3 convolution) computed on the
+    low-resolution input: each of the four output phases is a 2x2 convolution whose taps are
+    sums of the 3x3 kernel's, so the layer does 16 multiply-adds per input pixel and output
+    channel where the upsampled convolution does 36, and the 4x upsampled input is never
+    written. Exact up to float rounding (the kernel sums). The ``conv`` child is the original
+    one, so parameters and state dict keys are unchanged; the 2x2 weights are derived from it
+    and rebuilt whenever it changes (in place, dtype or device).
+
+    Falls back to upsample-then-convolve where the rewrite does not apply or must not be
+    seen: a size other than 2x asked, gradients wanted for the weights (training), or a
+    graph being captured (tracing, ONNX or ``torch.export``, ``torch.compile``), which must
+    record diffusers' operators. The VAE decoder spends about a quarter of its arithmetic in
+    these layers (``python -m benchmarks.bench_models --subpixel``)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+        self._cache: tuple | None = None
+
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = self.conv.weight, self.conv.bias
+        b_version = None if b is None else b._version
+        c = self._cache  # (source weight, its version, source bias, its version, derived weight and bias)
+        if c is None or c[0] is not w or c[1] != w._version or c[2] is not b or c[3] != b_version:
+            # Plain tensors even under inference_mode, so a later call under autograd can use
+            # them; holding the sources keeps their identities theirs.
+            with torch.inference_mode(False), torch.no_grad():
+                c = self._cache = (w, w._version, b, b_version,
+                                   *subpixel_weights(w.detach(), None if b is None else b.detach()))
+        return c[4], c[5]
+
+    def __getstate__(self):  # derived weights are not state: copies and pickles rebuild them
+        return {**self.__dict__, "_cache": None}
+
+    def _applies(self, x: torch.Tensor, output_size) -> bool:
+        from .conv import graph_capture_active
+
+        h, w = x.shape[-2:]
+        return (x.ndim == 4 and (output_size is None or tuple(output_size) == (2 * h, 2 * w))
+                and not (torch.is_grad_enabled() and self.conv.weight.requires_grad) and not graph_capture_active())
+
+    def forward(self, x: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
+        if not self._applies(x, output_size):
+            size = None if output_size is None else tuple(output_size)
+            up = torch.nn.functional.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")
+            return self.conv(up)
+        weight, bias = self._weights()
+        n, _, h, w = x.shape
+        co = weight.shape[0] // 4
+        y = torch.nn.functional.conv2d(x, weight, bias, padding=1)  # (n, 4 co, h + 1, w + 1)
+        # The output keeps the convolution's memory layout: oneDNN hands channels-last
+        # activations on, and the next layers would pay to reorder anything else.
+        if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+            src = y.permute(0, 2, 3, 1)  # (n, h + 1, w + 1, 4 co), contiguous
+            out = y.new_empty(n, h, 2, w, 2, co)
+            for a, b in _PHASES:  # phase (a, b) at input pixel (i, j) is y's pixel (i + a, j + b)
+                p = 2 * a + b
+                out[:, :, a, :, b] = src[:, a:a + h, b:b + w, p * co:(p + 1) * co]
+            return out.view(n, 2 * h, 2 * w, co).permute(0, 3, 1, 2)
+        out = y.new_empty(n, co, h, 2, w, 2)
+        for a, b in _PHASES:
+            p = 2 * a + b
+            out[:, :, :, a, :, b] = y[:, p * co:(p + 1) * co, a:a + h, b:b + w]
+        return out.view(n, co, 2 * h, 2 * w)
+
+
+def use_subpixel_upsampling(module: nn.Module) -> int:
+    """Replace, in place, every diffusers ``Upsample2D`` of ``module`` that is a nearest 2x
+    upsample followed by a 3x3, stride-1, padding-1 convolution (SD's VAE decoder, UNet3D's up
+    blocks) by :class:`SubpixelUpsample`; returns how many. For the torch inference path:
+    exporters and the released-code reference keep diffusers' modules."""
+    from diffusers.models.upsampling import Upsample2D
+
+    n = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            conv = getattr(child, "conv", None)
+            if (type(child) is Upsample2D and child.use_conv and not child.use_conv_transpose and child.interpolate
+                    and child.norm is None and child.name == "conv" and type(conv) is nn.Conv2d
+                    and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+                    and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"):
+                setattr(parent, name, SubpixelUpsample(conv))
+                n += 1
+    return n
+
+
 # Key lengths up to which attention on CPU runs as two matmuls and a softmax in fp32. PyTorch's
 # CPU flash kernel is tuned for long sequences and wide heads; UNet3D's temporal (T keys) and
 # cross (prompt) attention have few keys and 8-wide heads, where it is 1.3-1.5x slower in fp32
@@ -293,8 +404,9 @@ class ConstantContextAttention:
 def optimise_for_inference(eps_unet: "EpsUNet") -> dict[str, int]:
     """The torch inference path's rewrites of an :class:`EpsUNet`, in place: temporal
     convolutions as 2-D ones (:func:`fold_temporal_convs`), the baked prompt's keys and
-    values projected once (:class:`ConstantContextAttention`), and short-key attention as
-    fp32 matmuls on CPU (:func:`attend`, :class:`LeanSelfAttention`). The parameters are frozen
+    values projected once (:class:`ConstantContextAttention`), short-key attention as
+    fp32 matmuls on CPU (:func:`attend`, :class:`LeanSelfAttention`) and the up blocks'
+    upsampling as sub-pixel convolutions (:func:`use_subpixel_upsampling`). The parameters are frozen
     (``requires_grad_(False)``): the inference path differentiates with respect to latents
     only. Returns what was rewritten. Exporters and the released-code reference keep
     diffusers' modules."""
@@ -310,7 +422,8 @@ def optimise_for_inference(eps_unet: "EpsUNet") -> dict[str, int]:
         elif isinstance(m, Attention):
             m.set_processor(LeanSelfAttention())
             n_self += 1
-    return {"temporal_convs": n_conv, "cross_attention": n_attn, "self_attention": n_self}
+    n_up = use_subpixel_upsampling(eps_unet)
+    return {"temporal_convs": n_conv, "cross_attention": n_attn, "self_attention": n_self, "upsamplers": n_up}
 
 
 class GraphedEps:
