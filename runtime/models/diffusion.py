@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..registry import ComponentSpec, Role, TensorSpec, Tolerance, register
+from .conv import graph_capture_active
 from .layout import batch_to_frames, frames_to_batch
 
 
@@ -239,8 +240,6 @@ class SubpixelUpsample(nn.Module):
         return {**self.__dict__, "_cache": None}
 
     def _applies(self, x: torch.Tensor, output_size) -> bool:
-        from .conv import graph_capture_active
-
         h, w = x.shape[-2:]
         return (x.ndim == 4 and (output_size is None or tuple(output_size) == (2 * h, 2 * w))
                 and not (torch.is_grad_enabled() and self.conv.weight.requires_grad) and not graph_capture_active())
