@@ -111,7 +111,8 @@ def _ort_wrap(name: str, comp: str, module, precision: str, engines_dir: Path) -
 
 def cases_for(name: str, m, backends: list[str], precisions: list[str], device: str, engines_dir: Path):
     """(case name, eps_fn, encoder, decoder, parity) for each backend x precision asked."""
-    from .models.diffusion import GraphedEps, eps_fn_of, optimise_for_inference, use_subpixel_upsampling
+    from .models.diffusion import GraphedEps, eps_fn_of, optimise_for_inference
+    from .models.inference import prepare_decoder
 
     out = []
     for backend in backends:
@@ -119,7 +120,7 @@ def cases_for(name: str, m, backends: list[str], precisions: list[str], device: 
             if backend == "torch" and p == "fp32":
                 unet, dec = copy.deepcopy(m.unet), copy.deepcopy(m.decoder)  # the reference keeps diffusers' modules
                 optimise_for_inference(unet)
-                use_subpixel_upsampling(dec)
+                prepare_decoder(dec)
                 out.append(("torch fp32", eps_fn_of(unet), m.encoder, dec, _same_votes))
             elif backend == "torch" and p in ("bf16", "fp16"):
                 if (p == "fp16") != (device == "cuda"):
@@ -130,7 +131,7 @@ def cases_for(name: str, m, backends: list[str], precisions: list[str], device: 
                 dt = torch.bfloat16 if p == "bf16" else torch.float16
                 m16 = presets.build(name, device=device, dtype=dt)
                 optimise_for_inference(m16.unet)
-                use_subpixel_upsampling(m16.decoder)
+                prepare_decoder(m16.decoder)
                 e16 = eps_fn_of(m16.unet)
                 out.append((f"torch {p} UNet+decoder", lambda z, t, e=e16, d=dt: e(z.to(d), t).float(), m.encoder,
                             lambda z, d=dt, dec=m16.decoder: dec(z.to(d)).float(), _low_precision_parity))
@@ -332,20 +333,17 @@ def bench_clean_route_deploy(iters: int = 5, frames: int = 32, size: int = 224, 
     but each window's last frame labelled while waiting, :func:`_time_clean_route`). The thresholds are set to 1 so
     that every clip takes the clean route, whatever the random gate says."""
     from .detect import DetectionConfig
-    from .models.conv import use_blocked_conv3d, use_channels_last
     from .models.frame_classifier import FrameClassifier
-    from .models.fused import use_fused_inference
     from .models.i3d import i3d_resnet50
+    from .models.inference import prepare_frame_classifier, prepare_recognizer
     from .runner import CachedFrameLogits
     from .shield import Shield, ShieldConfig
 
     torch.manual_seed(0)
     rec = i3d_resnet50(num_classes=400).eval()
     gate = FrameClassifier(num_classes=400).eval()
-    use_blocked_conv3d(rec)  # as vpure run's torch path loads them (runner.load_components)
-    use_channels_last(gate)
-    use_fused_inference(rec)
-    use_fused_inference(gate)
+    prepare_recognizer(rec)  # as vpure run's torch path loads them (runner.load_components)
+    prepare_frame_classifier(gate)
     cfg = ShieldConfig(detection=DetectionConfig(gamma1=1.0, gamma2=1.0, frame_size=gate_size), dense="comdefend")
     identity = torch.nn.Identity()  # the dense route is never taken here
     shield = Shield(gate, rec, comdefend=identity, config=cfg)

@@ -108,23 +108,18 @@ def load_components(cfg: RunConfig) -> Components:
     else:
         comps = Components(*(registry.get(r).build(seed=0) for r in REGISTRY_NAMES.values()),
                            specs={r: registry.get(r) for r in REGISTRY_NAMES.values()})
-    from .models.conv import use_blocked_conv3d, use_channels_last
-    from .models.fused import use_fused_inference
+    from .models.inference import prepare_decoder, prepare_frame_classifier, prepare_recognizer
 
     def torch_module(fld):
         choice, module = cfg.runtime.components.get(REGISTRY_NAMES[fld]), getattr(comps, fld)
         return isinstance(module, torch.nn.Module) and (choice is None or choice.backend == "torch")
 
     if torch_module("recognizer"):
-        use_blocked_conv3d(comps.recognizer)  # batch-1 clips would otherwise hit slow_conv3d on CPU
-        use_fused_inference(comps.recognizer)  # I3D ResNets: bench_models --fused
+        prepare_recognizer(comps.recognizer)
     if torch_module("frame_classifier"):
-        use_channels_last(comps.frame_classifier)  # 1.1-1.2x on CPU (bench_models --conv-layout)
-        use_fused_inference(comps.frame_classifier)  # ResNet-style gates: bench_models --fused
+        prepare_frame_classifier(comps.frame_classifier)
     if torch_module("decoder"):
-        from .models.diffusion import use_subpixel_upsampling
-
-        use_subpixel_upsampling(comps.decoder)  # bench_models --subpixel
+        prepare_decoder(comps.decoder)
     unet_choice = cfg.runtime.components.get(REGISTRY_NAMES["unet"])
     if isinstance(comps.unet, torch.nn.Module) and (unet_choice is None or unet_choice.backend == "torch"):
         from .models.diffusion import EpsUNet, fold_temporal_convs, optimise_for_inference

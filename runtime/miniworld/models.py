@@ -193,26 +193,20 @@ class MiniWorld:
 
 
 def load_world(weights_dir: str | Path | None = None) -> MiniWorld:
-    """The six shipped (or ``weights_dir``'s) networks in eval mode. The recogniser's 3-D
-    convolutions run through oneDNN on CPU (:func:`~vpure.runtime.models.conv.use_blocked_conv3d`:
-    one 16-frame 64-pixel clip is below PyTorch's size threshold for it), and the frame
-    classifier's convolution weights are channels-last
-    (:func:`~vpure.runtime.models.conv.use_channels_last`); both run inference without
-    autograd through fused oneDNN convolutions
-    (:func:`~vpure.runtime.models.fused.use_fused_inference`). The VAE decoder upsamples by
-    sub-pixel convolutions (:func:`~vpure.runtime.models.diffusion.use_subpixel_upsampling`).
-    State dicts and gradients are unchanged."""
-    from ..models.conv import use_blocked_conv3d, use_channels_last
-    from ..models.diffusion import VAEDecoder, VAEEncoder, use_subpixel_upsampling
-    from ..models.fused import use_fused_inference
+    """The six shipped (or ``weights_dir``'s) networks in eval mode, the recogniser, frame
+    classifier and VAE decoder prepared for CPU inference as ``vpure run`` loads them
+    (:mod:`vpure.runtime.models.inference`: the recogniser's 3-D convolutions through oneDNN,
+    the frame classifier's weights channels-last, both through fused oneDNN convolutions
+    without autograd, the decoder upsampling by sub-pixel convolutions). State dicts and
+    gradients are unchanged."""
+    from ..models.diffusion import VAEDecoder, VAEEncoder
+    from ..models.inference import prepare_decoder, prepare_frame_classifier, prepare_recognizer
 
     vae = load("vae", weights_dir)
-    use_subpixel_upsampling(vae.decoder)
+    prepare_decoder(vae.decoder)
     recognizer = load("recognizer", weights_dir)
     frame_classifier = load("frame_classifier", weights_dir)
-    use_blocked_conv3d(recognizer)
-    use_channels_last(frame_classifier)
-    use_fused_inference(recognizer)
-    use_fused_inference(frame_classifier)
+    prepare_recognizer(recognizer)
+    prepare_frame_classifier(frame_classifier)
     return MiniWorld(load("unet", weights_dir), VAEEncoder(vae).eval(), VAEDecoder(vae).eval(),
                      recognizer, frame_classifier, load("comdefend", weights_dir), load("raft", weights_dir))

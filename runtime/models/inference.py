@@ -1,0 +1,41 @@
+"""The torch inference path's CPU rewrites per component kind, in one place: ``vpure run``
+(:func:`vpure.runtime.runner.load_components`), the mini-world
+(:func:`vpure.runtime.miniworld.models.load_world`) and the deployment-scale clean-route
+benchmark load their models through these, so they run the same layers. Each rewrite keeps
+parameters, state dict and gradients, is idempotent, and leaves training, autograd for the
+weights and graph capture (tracing, ONNX export) on the original layers.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def prepare_recognizer(module: nn.Module) -> None:
+    """Every ``Conv3d`` through oneDNN (:func:`~.conv.use_blocked_conv3d`: batch-1 clips would
+    otherwise hit ``slow_conv3d``; ``bench_models --conv3d``), then the fused plan of I3D and
+    SlowFast recognisers (:func:`~.fused.use_fused_inference`; ``bench_models --fused``)."""
+    from .conv import use_blocked_conv3d
+    from .fused import use_fused_inference
+
+    use_blocked_conv3d(module)
+    use_fused_inference(module)
+
+
+def prepare_frame_classifier(module: nn.Module) -> None:
+    """Channels-last convolution weights (:func:`~.conv.use_channels_last`; 1.1-1.2x,
+    ``bench_models --conv-layout``), then the fused plan of ResNet-style gates
+    (:func:`~.fused.use_fused_inference`; ``bench_models --fused``)."""
+    from .conv import use_channels_last
+    from .fused import use_fused_inference
+
+    use_channels_last(module)
+    use_fused_inference(module)
+
+
+def prepare_decoder(module: nn.Module) -> None:
+    """Sub-pixel upsampling in the VAE decoder (:func:`~.diffusion.use_subpixel_upsampling`;
+    ``bench_models --subpixel``)."""
+    from .diffusion import use_subpixel_upsampling
+
+    use_subpixel_upsampling(module)
