@@ -201,16 +201,21 @@ def run_job(defences: Defences, defence: str, attack: str, index: int) -> dict[s
 
 # -- orchestration --------------------------------------------------------------------------
 
-def weights_id(weights_dir=None, flow: str = "dis") -> str:
-    """Hash of the weights an evaluation reads: every mini-world network, RAFT only when it
-    is the flow provider (retraining an unused network keeps the cache valid)."""
+def weights_digests(weights_dir=None, flow: str = "dis") -> dict[str, str]:
+    """sha256 of each weights file an evaluation reads: every mini-world network, RAFT only
+    when it is the flow provider (retraining an unused network keeps the cache valid)."""
     from .artifacts import sha256_file
     from .miniworld.models import COMPONENTS, weights_path
 
+    return {c: sha256_file(weights_path(c, weights_dir)) for c in COMPONENTS if c != "raft" or flow == "raft"}
+
+
+def weights_id(weights_dir=None, flow: str = "dis", digests: dict[str, str] | None = None) -> str:
+    """Hash of the weights an evaluation reads (:func:`weights_digests`, or ``digests`` already
+    computed): part of the cache key."""
     h = hashlib.sha256()
-    for c in COMPONENTS:
-        if c != "raft" or flow == "raft":
-            h.update(sha256_file(weights_path(c, weights_dir)).encode())
+    for digest in (digests or weights_digests(weights_dir, flow)).values():
+        h.update(digest.encode())
     return h.hexdigest()[:12]
 
 
@@ -241,9 +246,12 @@ def evaluate(cfg: EvalConfig, defences: list[str], attacks: list[str], out_dir: 
     if unknown:
         raise ConfigError(f"unknown defence/attack {unknown}; defences: {', '.join(DEFENCES)}; "
                           f"attacks: {', '.join(ATTACKS)}")
-    cache = Path(out_dir) / "cache" / cfg.key(weights_id(weights_dir, cfg.flow))
+    digests = weights_digests(weights_dir, cfg.flow)
+    cache = Path(out_dir) / "cache" / cfg.key(weights_id(digests=digests))
     cache.mkdir(parents=True, exist_ok=True)
-    (cache / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    # what the cached results were measured with: the configuration and each network's weights
+    record = cfg.to_dict() | {"weights": {c: d[:16] for c, d in digests.items()}}
+    (cache / "config.json").write_text(json.dumps(record, indent=2, default=str))
     jobs = [(d, a, i) for d in defences for a in attacks if applicable(d, a) for i in range(cfg.clips)
             if not job_path(cache, d, a, i).is_file()]
     log.info("%d jobs to run (%s)", len(jobs), cache)

@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from vpure.runtime.eval_tables import write_tables
-from vpure.runtime.evaluation import EvalConfig, applicable, evaluate, load_results, weights_id, wilson
+from vpure.runtime.evaluation import (EvalConfig, applicable, evaluate, load_results, weights_digests, weights_id,
+                                      wilson)
 from vpure.runtime.miniworld.models import COMPONENTS
 
 CFG = EvalConfig(clips=2, iters=1, fullgrad_iters=1)
@@ -35,6 +36,15 @@ def test_cache_key_covers_the_weights_the_evaluation_reads(tmp_path):
     assert weights_id(tmp_path, "dis") == dis and weights_id(tmp_path, "raft") != raft
     (tmp_path / "vae.safetensors").write_bytes(b"retrained")
     assert weights_id(tmp_path, "dis") != dis
+    digests = weights_digests(tmp_path, "dis")
+    assert "raft" not in digests and weights_id(digests=digests) == weights_id(tmp_path, "dis")
+
+
+def test_cache_records_the_configuration_and_the_weights(first_run):
+    _, cache = first_run
+    record = json.loads((cache / "config.json").read_text())
+    assert EvalConfig.from_dict({k: v for k, v in record.items() if k != "weights"}) == CFG
+    assert record["weights"] == {c: d[:16] for c, d in weights_digests(None, CFG.flow).items()}
 
 
 @pytest.fixture(scope="module")
