@@ -176,6 +176,15 @@ def test_decoder_only_vae_run_keeps_the_latents_and_uses_the_frame_classifier(tm
     critic, x = mw.load("frame_classifier", tmp_path).eval(), torch.rand(2, 3, 64, 64)
     with torch.inference_mode():  # the critic's last map is the classifier's own logits
         torch.testing.assert_close(critic.feature_maps(x)[-1], critic(x[:, :, None])[:, 0])
+    assert "recognizer_on_reconstruction" not in card["metrics"]  # no recogniser in the folder yet
+    train(BUDGETS["recognizer"].replace(**small), weights_dir=tmp_path, progress=False)
+    card = train(BUDGETS["vae"].replace(resume=True, freeze_encoder=True, **small), weights_dir=tmp_path, progress=False)
+    world, vae, rec = WorldConfig(), mw.load("vae", tmp_path), mw.load("recognizer", tmp_path).eval()
+    from vpure.runtime.models.diffusion import VAEDecoder, VAEEncoder
+
+    test = make_split("test", small["eval_clips"], world)
+    assert card["metrics"]["recognizer_on_reconstruction"] == round(evaluate.reconstruction_accuracy(
+        VAEEncoder(vae).eval(), VAEDecoder(vae).eval(), rec, *test), 4)
 
 
 def test_missing_weights_are_named():

@@ -59,6 +59,18 @@ def reconstruction_psnr(fn, clips_u8: torch.Tensor, batch: int = 8, masks: torch
 
 
 @torch.inference_mode()
+def reconstruction_accuracy(vae_encoder, vae_decoder, recognizer, clips_u8: torch.Tensor, labels: torch.Tensor,
+                            batch: int = 8) -> float:
+    """The recogniser's accuracy on VAE reconstructions of the clips: every VideoPure member
+    is a decoded latent, so this bounds what the purifier can keep of the clean accuracy."""
+    correct = 0
+    for s in _batches(len(labels), batch):
+        x = vae_decoder(vae_encoder(clips_u8[s].float() / 255))
+        correct += int((recognizer(x).argmax(-1) == labels[s]).sum())
+    return correct / len(labels)
+
+
+@torch.inference_mode()
 def unet_loss(unet, encoder, clips_u8: torch.Tensor, timesteps=(21, 41, 61, 81, 101, 301, 601), seed: int = 0,
               batch: int = 8) -> float:
     """Mean epsilon-prediction MSE over the clips at fixed timesteps (the first five are the

@@ -268,6 +268,10 @@ def train_vae(cfg, world, data, test, weights_dir, progress):
                "vae_object_psnr_db": round(evaluate.reconstruction_psnr(
                    lambda x: dec(enc(x)), test[0], masks=train_masks(len(test[0]), world, "test")), 2),
                "scaling_factor": round(float(vae.config.scaling_factor), 5), "final_train_loss": _tail(losses)}
+    if mw.weights_path("recognizer", weights_dir).is_file():  # absent on a first `train all`
+        recognizer = mw.load("recognizer", weights_dir).eval()
+        metrics["recognizer_on_reconstruction"] = round(
+            evaluate.reconstruction_accuracy(enc, dec, recognizer, *test), 4)
     return vae, metrics
 
 
