@@ -1,11 +1,11 @@
 """How much of a mini-world frame can SD's latent contract carry? Reconstruction PSNR on the
-test split of the shipped VAE (4 latent channels at 8x: 256 numbers per 64x64 frame) against
-the best *linear* codes of the same and larger sizes: PCA of non-overlapping 8x8x3 patches
-fit on training frames, keeping k components per patch (k = 4 is the latent's count). A VAE's
-decoder is non-linear and sees across patches, so it can beat the k = 4 code; how far above
-it the mini-world issue's 28 dB lies is the measure of that target. Last, the recogniser's
-accuracy on the clips and on the VAE's reconstructions of them: the ceiling of every
-latent-diffusion purifier built on this VAE.
+test split of the shipped VAE, or a folder's with --weights (4 latent channels at 8x: 256
+numbers per 64x64 frame), against the best *linear* codes of the same and larger sizes: PCA
+of non-overlapping 8x8x3 patches fit on training frames, keeping k components per patch
+(k = 4 is the latent's count). A VAE's decoder is non-linear and sees across patches, so it
+can beat the k = 4 code; how far above it the mini-world issue's 28 dB lies is the measure
+of that target. Last, the recogniser's accuracy on the clips and on the VAE's
+reconstructions of them: the ceiling of every latent-diffusion purifier built on this VAE.
 
 Run from the repository root:
   .venv/bin/python -m benchmarks.vae_bound [--train-frames 4000] [--test-clips 100] [--weights DIR]
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     w = load_world(args.weights)
     cells = (world.size // 8) ** 2  # 8x8 patches (latent positions) per frame
     # the model card's own measurement (mean over clips of each clip's PSNR)
-    rows = [("shipped VAE (4 latent channels at 8x)", 4 * cells,
+    rows = [("VAE (4 latent channels at 8x)", 4 * cells,
              evaluate.reconstruction_psnr(lambda x: w.decoder(w.encoder(x)), test_clips))]
     area = F.interpolate(F.avg_pool2d(test, 8), scale_factor=8, mode="bicubic", align_corners=False)
     rows.append(("8x8 means, bicubic upsampling", 3 * cells, _clip_psnr(area.clamp(0, 1), test, clips)))
@@ -91,13 +91,13 @@ def main(argv=None) -> None:
     labels = T.train_data(args.test_clips, world, split="test")[1]
     on_clips = evaluate.recognizer_accuracy(w.recognizer, test_clips, labels)
     on_rec = evaluate.reconstruction_accuracy(w.encoder, w.decoder, w.recognizer, test_clips, labels)
-    print(f"\nrecogniser accuracy: {100 * on_clips:.1f}% on the clips, {100 * on_rec:.1f}% on the shipped VAE's "
+    print(f"\nrecogniser accuracy: {100 * on_clips:.1f}% on the clips, {100 * on_rec:.1f}% on the VAE's "
           "reconstructions (every VideoPure member is a decoded latent: the purifier's ceiling)")
     target = 28.0
     linear = [(n // cells, db) for _, n, db in rows[2:]]
     reached = [k for k, db in linear if db >= target]
     print(f"\n{target:.0f} dB (the mini-world issue's target) is a {10 ** ((target - rows[0][2]) / 10):.1f}x lower MSE "
-          f"than the shipped VAE's; the linear patch code reaches it "
+          f"than this VAE's; the linear patch code reaches it "
           + (f"from k={reached[0]} ({reached[0] / 4:.0f}x the latent's numbers)" if reached
              else f"with none of k<={linear[-1][0]} ({linear[-1][0] / 4:.0f}x the latent's numbers)"))
 

@@ -63,11 +63,7 @@ def reconstruction_accuracy(vae_encoder, vae_decoder, recognizer, clips_u8: torc
                             batch: int = 8) -> float:
     """The recogniser's accuracy on VAE reconstructions of the clips: every VideoPure member
     is a decoded latent, so this bounds what the purifier can keep of the clean accuracy."""
-    correct = 0
-    for s in _batches(len(labels), batch):
-        x = vae_decoder(vae_encoder(clips_u8[s].float() / 255))
-        correct += int((recognizer(x).argmax(-1) == labels[s]).sum())
-    return correct / len(labels)
+    return recognizer_accuracy(lambda x: recognizer(vae_decoder(vae_encoder(x))), clips_u8, labels, batch)
 
 
 @torch.inference_mode()
