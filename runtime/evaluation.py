@@ -219,6 +219,12 @@ def weights_id(weights_dir=None, flow: str = "dis", digests: dict[str, str] | No
     return h.hexdigest()[:12]
 
 
+def cache_dir(out_dir, cfg: EvalConfig, digests: dict[str, str]) -> Path:
+    """Where the results of ``cfg`` on the weights with ``digests`` (:func:`weights_digests`)
+    are cached under ``out_dir``: one folder per configuration and weights."""
+    return Path(out_dir) / "cache" / cfg.key(weights_id(digests=digests))
+
+
 def job_path(cache: Path, defence: str, attack: str, index: int) -> Path:
     return cache / defence / attack / f"{index:05d}.json"
 
@@ -247,7 +253,7 @@ def evaluate(cfg: EvalConfig, defences: list[str], attacks: list[str], out_dir: 
         raise ConfigError(f"unknown defence/attack {unknown}; defences: {', '.join(DEFENCES)}; "
                           f"attacks: {', '.join(ATTACKS)}")
     digests = weights_digests(weights_dir, cfg.flow)
-    cache = Path(out_dir) / "cache" / cfg.key(weights_id(digests=digests))
+    cache = cache_dir(out_dir, cfg, digests)
     cache.mkdir(parents=True, exist_ok=True)
     # what the cached results were measured with: the configuration and each network's weights
     record = cfg.to_dict() | {"weights": {c: d[:16] for c, d in digests.items()}}

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import ConfigError
     from ..eval_tables import write_tables
-    from ..evaluation import ATTACKS, DEFENCES, EvalConfig, evaluate, load_results, weights_id
+    from ..evaluation import ATTACKS, DEFENCES, EvalConfig, cache_dir, evaluate, load_results, weights_digests
 
     try:
         eps = float(Fraction(args.eps))
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     defences = list(DEFENCES) if args.defences == "all" else [d.strip() for d in args.defences.split(",")]
     attacks = list(ATTACKS) if args.attacks == "all" else [a.strip() for a in args.attacks.split(",")]
     if args.tables_only:
-        cache = args.out / "cache" / cfg.key(weights_id(args.weights, cfg.flow))
+        cache = cache_dir(args.out, cfg, weights_digests(args.weights, cfg.flow))
         if not cache.is_dir():
             raise ConfigError(f"no cached results for this configuration in {cache}")
     else:
