@@ -65,7 +65,7 @@ def main(argv=None) -> None:
 
     world = WorldConfig()
     train_clips = T.train_data(1000, world)[0]
-    test_clips = T.train_data(args.test_clips, world, split="test")[0]
+    test_clips, test_labels = T.train_data(args.test_clips, world, split="test")
     g = torch.Generator().manual_seed(0)
     train = _frames(train_clips)
     train = train[torch.randperm(len(train), generator=g)[:args.train_frames]]
@@ -88,9 +88,8 @@ def main(argv=None) -> None:
     print(f"{'code':42s} {'numbers/frame':>14s} {'compression':>12s} {'PSNR dB':>8s}")
     for name, n, db in rows:
         print(f"{name:42s} {n:14d} {per_frame / n:11.1f}x {db:8.2f}")
-    labels = T.train_data(args.test_clips, world, split="test")[1]
-    on_clips = evaluate.recognizer_accuracy(w.recognizer, test_clips, labels)
-    on_rec = evaluate.reconstruction_accuracy(w.encoder, w.decoder, w.recognizer, test_clips, labels)
+    on_clips = evaluate.recognizer_accuracy(w.recognizer, test_clips, test_labels)
+    on_rec = evaluate.reconstruction_accuracy(w.encoder, w.decoder, w.recognizer, test_clips, test_labels)
     print(f"\nrecogniser accuracy: {100 * on_clips:.1f}% on the clips, {100 * on_rec:.1f}% on the VAE's "
           "reconstructions (every VideoPure member is a decoded latent: the purifier's ceiling)")
     target = 28.0
