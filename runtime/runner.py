@@ -24,7 +24,6 @@ finishes the summary and returns.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 import time
@@ -304,17 +303,19 @@ class RunSummary:
     flow_pairs: dict[str, int] = field(default_factory=dict)
     frame_labels: dict[str, int] = field(default_factory=dict)
 
-    def percentile(self, q: float) -> float:
+    def percentile(self, q: float) -> float | None:
+        """Latency percentile in ms; None when no clip ran (JSON ``null``, never NaN)."""
         v = sorted(self.latencies_ms)
         if not v:
-            return math.nan
+            return None
         if len(v) == 1:
             return v[0]
         return statistics.quantiles(v, n=100, method="inclusive")[int(q) - 1]
 
     def to_dict(self) -> dict[str, Any]:
         return {"clips": self.clips, "failed": self.failed, "routes": dict(self.routes),
-                "latency_ms": {f"p{q}": round(self.percentile(q), 2) for q in (50, 90, 99)},
+                "latency_ms": {f"p{q}": None if (p := self.percentile(q)) is None else round(p, 2)
+                               for q in (50, 90, 99)},
                 "interrupted": self.interrupted, "stopped": self.stopped, "stream": self.stream,
                 "flow_pairs": self.flow_pairs, "frame_labels": self.frame_labels}
 
@@ -322,8 +323,9 @@ class RunSummary:
         lat = self.to_dict()["latency_ms"]
         routes = ", ".join(f"{k} {v}" for k, v in sorted(self.routes.items())) or "none"
         s = self.stream
-        return (f"{self.clips} clips ({routes}; {self.failed} failed), latency p50 {lat['p50']} ms, "
-                f"p90 {lat['p90']} ms, p99 {lat['p99']} ms; {s.get('kept', 0)} frames kept of "
+        latency = ("no latency (no clip ran)" if lat["p50"] is None else
+                   f"latency p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms")
+        return (f"{self.clips} clips ({routes}; {self.failed} failed), {latency}; {s.get('kept', 0)} frames kept of "
                 f"{s.get('decoded', 0)} decoded, {s.get('decode_errors', 0)} decode errors, "
                 f"{s.get('size_changes', 0)} size changes; ended by: "
                 f"{'Ctrl-C' if self.interrupted else self.stopped or s.get('ended_by', '?')}")
@@ -432,11 +434,14 @@ class Runner:
             summary.flow_pairs = {"computed": self.flow.computed, "reused": self.flow.reused}
             summary.frame_labels = {"computed": self.frames.computed, "reused": self.frames.reused,
                                     "ahead": self.frames.ahead}
+        if summary.clips + summary.failed == 0 and not summary.interrupted and st.kept < cfg.window:
+            log.warning("%s ended after %d kept frames, fewer than one window of %d: no clip to "
+                        "classify (lower --window or --frame-step)", source, st.kept, cfg.window)
         return summary
 
 
 def _write(out: TextIO, rec: dict[str, Any], hook=None) -> None:
-    out.write(json.dumps(rec) + "\n")
+    out.write(json.dumps(rec, allow_nan=False) + "\n")  # strict JSON: jq and browsers reject NaN
     out.flush()
     if hook is not None:
         hook(rec)

@@ -105,7 +105,13 @@ def _raw_frames_av(source: str, stats: StreamStats, cfg: StreamConfig) -> Iterat
     try:
         container = av.open(source, timeout=10.0) if is_url(source) else av.open(source)
     except (av.error.FFmpegError, OSError) as e:
-        raise InputError(f"cannot open {source}: {e}") from None
+        hint = ""
+        if isinstance(e, av.error.InvalidDataError) and not is_url(source):
+            size = Path(source).stat().st_size if Path(source).is_file() else -1
+            hint = (" (the file is empty)" if size == 0 else
+                    " (not a video FFmpeg can parse: a truncated MP4/MOV whose index (moov atom) was cut "
+                    "off, or another format)")
+        raise InputError(f"cannot open {source}: {e}{hint}") from None
     with container:
         if not container.streams.video:
             raise InputError(f"{source} has no video stream")

@@ -239,6 +239,23 @@ def test_cli_run_writes_lines_and_summary(tmp_path, data_dir, capsys):
     assert summary["clips"] == len(lines) and summary["latency_ms"]["p50"] > 0
 
 
+def test_an_input_shorter_than_a_window_says_so_and_writes_strict_json(tmp_path, data_dir, capsys, caplog):
+    from vpure.runtime.cli import main
+    from vpure.runtime.video import read_frames
+
+    for i, rgb in enumerate(read_frames(data_dir / "carphone.mp4", 5, 64)):
+        cv2.imwrite(str(tmp_path / f"{i:04d}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    out = tmp_path / "records.jsonl"
+    assert main(["run", str(tmp_path), "--tiny", "--flow", "dis", "--window", "8", "--out", str(out)]) == 0
+    assert out.read_text() == ""
+    captured = capsys.readouterr()
+    # Strict JSON (RFC 8259 has no NaN): an empty latency list is null, not NaN.
+    line = json.loads(captured.out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert line["summary"]["clips"] == 0 and line["summary"]["latency_ms"] == {"p50": None, "p90": None, "p99": None}
+    assert "no clip ran" in captured.err
+    assert "fewer than one window of 8" in caplog.text
+
+
 def test_frames_labelled_while_waiting_are_reused_and_change_no_record(monkeypatch, data_dir, tiny_components):
     """On a live source the runner labels each frame for the gate as it arrives (the decode
     queue is empty); the records are those of labelling per window, and every kept frame

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_to(args.input, cfg, args.out)
     print(f"vpure run: {summary.text()}", file=sys.stderr)
     if args.out is not None:
-        print(json.dumps({"summary": summary.to_dict()}))
+        print(json.dumps({"summary": summary.to_dict()}, allow_nan=False))
     if summary.interrupted:
         return 130
     return 1 if summary.stopped and summary.clips == 0 else 0
