@@ -11,6 +11,8 @@ have no interior frame: alpha = 0.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,11 +26,20 @@ ROUTES = ("clean", "sparse", "dense")
 
 
 def _labels_list(labels) -> list[int]:
-    if isinstance(labels, torch.Tensor):
-        if labels.ndim != 1:
-            raise InputError(f"labels must be one sequence (T,), got shape {tuple(labels.shape)}")
-        return [int(v) for v in labels.tolist()]
-    return [int(v) for v in labels]
+    """Per-frame class labels as ints: a 1-D tensor, array or sequence of integral values."""
+    if isinstance(labels, (str, bytes)):
+        raise InputError(f"labels must be a sequence of integer class labels, got {type(labels).__name__}")
+    values = labels.tolist() if hasattr(labels, "tolist") and hasattr(labels, "ndim") else list(labels)
+    if getattr(labels, "ndim", 1) != 1:
+        raise InputError(f"labels must be one sequence (T,), got shape {tuple(labels.shape)}")
+    out = []
+    for v in values:
+        if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:  # NumPy scalars, 0-d tensors
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or int(v) != v:
+            raise InputError(f"labels must be integer class labels, got {v!r}")
+        out.append(int(v))
+    return out
 
 
 def exception_frames(labels: Sequence[int] | torch.Tensor) -> list[int]:
@@ -49,6 +60,13 @@ def route(alpha: float, gamma1: float = 0.175, gamma2: float = 0.3) -> str:
     """"clean" if alpha < gamma1, "sparse" if gamma1 <= alpha < gamma2, else "dense"."""
     if not 0.0 <= gamma1 <= gamma2:
         raise InputError(f"thresholds must satisfy 0 <= gamma1 <= gamma2, got {gamma1}, {gamma2}")
+    try:
+        a = float(alpha) if not isinstance(alpha, (str, bytes, bool)) else math.nan
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+        a = math.nan
+    if not 0.0 <= a <= 1.0:  # NaN fails too
+        raise InputError(f"alpha must be an exception index in [0, 1], got {alpha!r}")
+    alpha = a
     if alpha < gamma1:
         return "clean"
     return "sparse" if alpha < gamma2 else "dense"

@@ -8,6 +8,7 @@ level before t = 1 is abar[0]. No object carries state between calls.
 from __future__ import annotations
 
 import math
+import operator
 from functools import lru_cache
 
 import torch
@@ -36,7 +37,18 @@ def abar(t: int) -> float:
     return float(_abar()[max(t, 0)])
 
 
+def _integer(name: str, v) -> int:
+    """``v`` as an int: Python and NumPy integers and integral 0-d tensors, never floats or bools."""
+    if isinstance(v, bool):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {v!r}") from None
+
+
 def step_size(num_inference_steps: int = 50) -> int:
+    num_inference_steps = _integer("num_inference_steps", num_inference_steps)
     if not 1 <= num_inference_steps <= NUM_TRAIN_TIMESTEPS:
         raise ValueError(f"num_inference_steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {num_inference_steps}")
     return NUM_TRAIN_TIMESTEPS // num_inference_steps
@@ -48,6 +60,7 @@ def ddim_timesteps(num_inference_steps: int = 50, t_star: int = 6) -> list[int]:
     ``ddim_timesteps() == [1, 21, 41, 61, 81, 101]``.
     """
     step = step_size(num_inference_steps)
+    t_star = _integer("t_star", t_star)
     if not 1 <= t_star <= num_inference_steps:
         raise ValueError(f"t_star must be in [1, {num_inference_steps}], got {t_star}")
     return [i * step + 1 for i in range(t_star)]

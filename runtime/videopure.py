@@ -18,6 +18,7 @@ alone or inside a batch; for B = 1 this is the released mean over all elements).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -103,6 +104,29 @@ def check_latents(z0: torch.Tensor, flow: torch.Tensor | None = None) -> None:
             raise InputError("flow contains NaN or Inf")
 
 
+def call_eps(eps_fn: EpsFn, z: torch.Tensor, t: int) -> torch.Tensor:
+    """``eps_fn(z, t)``, refused with a clear error when the prediction has another shape or is
+    not finite (a broken engine, a half-precision overflow) instead of corrupting the clip."""
+    eps = eps_fn(z, t)
+    if not isinstance(eps, torch.Tensor) or eps.shape != z.shape:
+        raise InputError(f"eps_fn(z, {t}) returned {tuple(getattr(eps, 'shape', ())) or type(eps).__name__}, "
+                         f"expected the latent's shape {tuple(z.shape)}")
+    if not bool(torch.isfinite(eps).all()):
+        raise InputError(f"eps_fn(z, {t}) returned NaN or Inf (a broken engine or a precision overflow)")
+    return eps
+
+
+def check_timesteps(timesteps) -> list[int]:
+    """Strictly ascending integer timesteps inside the 1000-step schedule."""
+    try:
+        ts = [operator.index(t) for t in timesteps]
+    except TypeError:
+        raise InputError(f"timesteps must be integers, got {list(timesteps)!r}") from None
+    if any(not 0 <= t < schedule.NUM_TRAIN_TIMESTEPS for t in ts) or any(a >= b for a, b in zip(ts, ts[1:])):
+        raise InputError(f"timesteps must ascend strictly inside [0, {schedule.NUM_TRAIN_TIMESTEPS - 1}], got {ts}")
+    return ts
+
+
 # -- stage 2 ----------------------------------------------------------------------------
 def temporal_ddim_invert(eps_fn: EpsFn, z0: torch.Tensor, timesteps: list[int], *,
                          replicate_first_frame: bool = True, step: int | None = None) -> torch.Tensor:
@@ -114,11 +138,12 @@ def temporal_ddim_invert(eps_fn: EpsFn, z0: torch.Tensor, timesteps: list[int], 
     stride (default: the spacing of ``timesteps``, 20 for a single step).
     """
     check_latents(z0)
+    timesteps = check_timesteps(timesteps)
     if step is None:
         step = timesteps[1] - timesteps[0] if len(timesteps) > 1 else schedule.step_size()
     z = z0
     for tau in timesteps:
-        eps = eps_fn(z, tau)
+        eps = call_eps(eps_fn, z, tau)
         if replicate_first_frame:
             eps = eps[:, :, :1].expand_as(eps)
         a_cur, a_next = schedule.prev_abar(tau, step), schedule.abar(tau)
@@ -150,6 +175,8 @@ def purify_latents(eps_fn: EpsFn, z0: torch.Tensor, flow: torch.Tensor,
     ``invert_eps_fn`` (default ``eps_fn``) serves the inversion calls: the same network,
     passed separately only so callers can time the two phases apart.
     """
+    if config is not None and not isinstance(config, VideoPureConfig):
+        raise InputError(f"config must be a VideoPureConfig or None, got {type(config).__name__}")
     cfg = config or VideoPureConfig()
     check_latents(z0, flow)
     step = cfg.step
@@ -166,7 +193,7 @@ def purify_latents(eps_fn: EpsFn, z0: torch.Tensor, flow: torch.Tensor,
     members: list[torch.Tensor] = []
     eps = None
     for t in reversed(ts):
-        eps = eps_fn(z, t)
+        eps = call_eps(eps_fn, z, t)
         a_t, a_prev = schedule.abar(t), schedule.prev_abar(t, step)
         sq, sq1 = math.sqrt(a_t), math.sqrt(1.0 - a_t)
         x0 = (z - sq1 * eps) / sq

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +43,15 @@ def test_route_boundaries_are_exact():
         route(0.1, gamma1=0.4, gamma2=0.3)
     with pytest.raises(InputError, match="empty"):
         exception_index([])
+    for alpha in (float("nan"), -0.1, 1.5, "0.2", None):
+        with pytest.raises(InputError, match="alpha must be"):
+            route(alpha)
+    for labels in ([0, 0.5, 0], [[0, 1], [1, 0]], "abc", torch.zeros(2, 3)):
+        with pytest.raises(InputError, match="labels must"):
+            exception_index(labels)
+    # Integral values of any common kind are labels.
+    assert exception_index(np.array([0, 1, 0])) == exception_index(list(torch.tensor([0, 1, 0]))) == 1 / 3
+    assert exception_index([0, 1.0, 0]) == 1 / 3 and route(np.float32(0.2)) == "sparse"
     with pytest.raises(ConfigError):
         DetectionConfig(gamma1=0.5, gamma2=0.2)
 

@@ -60,3 +60,7 @@ def test_bad_arguments():
         schedule.ddim_timesteps(50, 51)
     with pytest.raises(ValueError, match="num_inference_steps"):
         schedule.ddim_timesteps(0, 1)
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer"):
+        schedule.ddim_timesteps(50.5, 6)
+    with pytest.raises(ValueError, match="t_star must be an integer"):
+        schedule.ddim_timesteps(50, True)

@@ -201,6 +201,19 @@ def test_purify_rejects_mismatched_flow(tiny):
         purify_latents(tiny.eps_fn, z0, flow[:, :-1])
 
 
+def test_inversion_and_purification_refuse_bad_timesteps_predictions_and_configs(tiny):
+    z0, flow = _latents(9)
+    for ts in ([21, 1], [1, 1], [1, 1000], [1.5, 21]):
+        with pytest.raises(InputError, match="timesteps must"):
+            temporal_ddim_invert(tiny.eps_fn, z0, ts)
+    with pytest.raises(InputError, match=r"returned \(1, 3, 4, 8, 8\), expected"):
+        temporal_ddim_invert(lambda z, t: z[:, :3], z0, [1, 21])
+    with pytest.raises(InputError, match="NaN or Inf"):
+        purify_latents(lambda z, t: torch.full_like(z, float("inf")), z0, flow)
+    with pytest.raises(InputError, match="config must be a VideoPureConfig"):
+        purify_latents(tiny.eps_fn, z0, flow, config={"t_star": 6})
+
+
 def test_downsample_flow_scales_vectors():
     flow = torch.zeros(1, 2, 2, 64, 96)
     flow[:, :, 0], flow[:, :, 1] = 8.0, -4.0
