@@ -52,8 +52,10 @@ class Stopwatch:
             self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
 
 
-def check_clip(clip: torch.Tensor, multiple: int = 1) -> None:
-    """(B, 3, T, H, W) floating point, finite, in [0, 1], H and W multiples of ``multiple``."""
+def check_clip(clip: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+    """Check a clip: (B, 3, T, H, W) floating point, finite, in [0, 1], H and W multiples of
+    ``multiple``. Returns it as the components take it, float32 (the backends choose their own
+    precision inside): float64, float16 and bfloat16 clips are converted, float32 passes as is."""
     if not isinstance(clip, torch.Tensor):
         raise InputError(f"clip must be a torch.Tensor, got {type(clip).__name__}")
     if clip.ndim != 5 or clip.shape[1] != 3:
@@ -62,13 +64,14 @@ def check_clip(clip: torch.Tensor, multiple: int = 1) -> None:
         raise InputError(f"clip is empty: shape {tuple(clip.shape)}")
     if not clip.is_floating_point():
         raise InputError(f"clip must be floating point in [0, 1], got {clip.dtype}")
-    lo, hi = (float(v) for v in torch.aminmax(clip))  # one pass; NaN propagates to both
+    lo, hi = (float(v) for v in torch.aminmax(clip.detach()))  # one pass; NaN propagates to both
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InputError("clip contains NaN or Inf")
     if lo < 0.0 or hi > 1.0:
         raise InputError(f"clip values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
     if clip.shape[-2] % multiple or clip.shape[-1] % multiple:
         raise InputError(f"clip H and W must be multiples of {multiple}, got {tuple(clip.shape[-2:])}")
+    return clip if clip.dtype == torch.float32 else clip.float()
 
 
 def classify(recognizer: Module, frames: torch.Tensor, sw: Stopwatch | None = None) -> torch.Tensor:
@@ -132,8 +135,7 @@ class VideoPure:
     @torch.inference_mode()
     def purified_members(self, clip: torch.Tensor) -> list[torch.Tensor]:
         """The M purified clips (each (B, 3, T, H, W)) the recogniser votes over (BPDA uses them)."""
-        check_clip(clip, self.latent_factor)
-        cfg = self.config
+        clip, cfg = check_clip(clip, self.latent_factor), self.config
         flow = self.flow_provider(clip, input_range=cfg.flow_range)
         z0 = self.encoder(clip)
         flow = downsample_flow(flow, tuple(z0.shape[-2:]))
@@ -143,8 +145,7 @@ class VideoPure:
 
     @torch.inference_mode()
     def __call__(self, clip: torch.Tensor, keep_frames: bool = False) -> DefenceResult:
-        check_clip(clip, self.latent_factor)
-        cfg = self.config
+        clip, cfg = check_clip(clip, self.latent_factor), self.config
         sw = Stopwatch(clip.device)
         b = clip.shape[0]
         with sw("flow"):

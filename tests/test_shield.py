@@ -81,6 +81,19 @@ def test_bad_clips(shield, clip, needle):
     assert needle in str(e.value)
 
 
+def test_clips_of_any_float_dtype_give_the_float32_records(shield):
+    clip = torch.cat([_clip([]), _clip([2, 5]), _clip([1, 4, 6])])
+    want = [(r.route, r.alpha, r.label, r.votes) for r in shield(clip)]
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        got = [(r.route, r.alpha, r.label, r.votes) for r in shield(clip.to(dtype))]
+        assert got == want, dtype
+    # A clip that requires grad (an attack's working copy) is read without autograd warnings.
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [r.route for r in shield(clip[:1].clone().requires_grad_())] == ["clean"]
+
+
 def test_pgd_sparse_and_dense_respect_the_ball():
     tiny = tiny_world(seed=3)
     clip = torch.rand(1, 3, 8, 64, 64, generator=torch.Generator().manual_seed(0))
