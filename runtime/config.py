@@ -188,7 +188,11 @@ class ConfigBase:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        return cls.from_toml(path.read_text(), where=str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a TOML text file ({e.reason} at byte {e.start})") from None
+        return cls.from_toml(text, where=str(path))
 
     def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)

@@ -27,3 +27,23 @@ def test_info_report_and_errors(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "kernel implementations:" in text and "native build:" in text
     assert main([]) == 2  # no subcommand: help on stderr, usage error
+
+
+def test_bad_command_lines_get_one_clear_error_line(tmp_path, capsys):
+    from vpure.runtime.cli import main
+
+    junk = tmp_path / "junk.toml"
+    junk.write_bytes(bytes(range(128, 256)))
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"")  # never opened: each line fails on its arguments first
+    cases = [
+        (["bench", "--configs", "tiny,bogus"], "unknown configuration(s) 'bogus'"),
+        (["run", str(video), "--tiny", "--stride", "0"], "stride must be >= 1, got 0"),
+        (["run", str(video), "--tiny", "--frame-step", "0"], "frame_step must be >= 1, got 0"),
+        (["run", str(video), "--config", str(junk)], "not a TOML text file"),
+        (["run", str(video), "--engines", str(tmp_path / "none")], "engines folder"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, (argv, err)

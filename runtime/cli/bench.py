@@ -27,10 +27,16 @@ def run(args: argparse.Namespace) -> int:
     from ..endtoend import bench_clean_route, bench_clean_route_deploy, bench_config, stage_chart
     from ..errors import ConfigError
 
+    from ..presets import PRESETS
+
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:  # a typo is an error, not a skipped case
+        raise ConfigError(f"unknown configuration(s) {', '.join(map(repr, unknown))}; known: {', '.join(PRESETS)}")
     torch.set_grad_enabled(True)
     csv = args.csv or None
     results, skipped = {}, []
-    for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
+    for name in names:
         try:
             results[name] = bench_config(name, backends=args.backends.split(","),
                                          precisions=args.precisions.split(","), iters=args.iters, csv_path=csv,
@@ -44,4 +50,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nstage chart: {stage_chart(args.png, results).resolve()}")
     for line in skipped:
         print(f"skipped {line}")
-    return 0
+    return 0 if results or args.clean_route else 1  # nothing measured: say so in the exit code

@@ -24,17 +24,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
+    from ..errors import ConfigError
     from ..runconfig import ComponentChoice, RuntimeConfig
     from ..runner import REGISTRY_NAMES, RunConfig
 
     cfg = RunConfig.load(args.config) if args.config else RunConfig()
-    changes = {k: v for k, v in (("window", args.window), ("stride", args.stride), ("flow", args.flow)) if v}
+    changes = {k: v for k, v in (("window", args.window), ("stride", args.stride), ("flow", args.flow))
+               if v is not None}  # an explicit 0 reaches the config's check instead of meaning "default"
     if args.tiny:
         changes["models"] = "tiny"
-    stream = {k: v for k, v in (("frame_step", args.frame_step), ("realtime", args.realtime)) if v}
+    stream = {"frame_step": args.frame_step} if args.frame_step is not None else {}
+    if args.realtime:
+        stream["realtime"] = True
     if stream:
         changes["stream"] = cfg.stream.replace(**stream)
     if args.engines:
+        if not args.engines.is_dir():
+            raise ConfigError(f"engines folder {args.engines} does not exist")
         changes["runtime"] = RuntimeConfig(device=cfg.runtime.device, engines_dir=args.engines, components={
             r: ComponentChoice(backend="onnxruntime") for r in REGISTRY_NAMES.values()})
     elif args.torch:
