@@ -19,8 +19,12 @@ _WRAPPERS = ("state_dict", "model", "model_state", "net")
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, architecture config) from a .safetensors or .pth/.pt file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give the weights file inside it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -30,7 +34,13 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                 state = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
             raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {e}") from None
-        return state, json.loads(meta.get("vpure_config", "{}"))
+        try:
+            config = json.loads(meta.get("vpure_config", "{}"))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"checkpoint {path}: its vpure_config metadata is not JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"checkpoint {path}: its vpure_config metadata is not a JSON object")
+        return state, config
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -42,6 +52,15 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}, {}
+
+
+def construct(cls: type, kwargs: dict[str, Any], path: str | Path):
+    """``cls(**kwargs)`` for an architecture read from a checkpoint: a config that does not
+    build the class (tampered metadata, another model's file) is a CheckpointError naming it."""
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its architecture config does not build a {cls.__name__}: {e}") from None
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str = "checkpoint") -> torch.nn.Module:

@@ -51,6 +51,31 @@ def test_wrong_checkpoints_fail_clearly(tmp_path):
         load_i3d(tmp_path / "other.pth")
 
 
+def test_unreadable_or_foreign_files_fail_clearly_for_every_loader(tmp_path):
+    from safetensors.torch import save_file
+
+    from vpure.runtime.models.comdefend import load_comdefend
+    from vpure.runtime.models.frame_classifier import load_frame_classifier, tiny_frame_classifier
+    from vpure.runtime.models.slowfast import load_slowfast
+
+    (tmp_path / "empty.pth").write_bytes(b"")
+    torch.save({"foo": torch.zeros(3)}, tmp_path / "foreign.pth")
+    sd = {k: v.contiguous() for k, v in tiny_frame_classifier().state_dict().items()}
+    save_file(sd, tmp_path / "tampered.safetensors", metadata={"vpure_config": '{"num_classes": 5, "wings": 2}'})
+    save_file(sd, tmp_path / "garbled.safetensors", metadata={"vpure_config": "{not json"})
+    loaders = (load_i3d, load_slowfast, load_comdefend, load_frame_classifier)
+    for load in loaders:
+        for name, needle in (("empty.pth", "is empty"), (".", "is a folder"), ("garbled.safetensors", "not JSON")):
+            with pytest.raises(CheckpointError, match=needle):
+                load(tmp_path / name)
+        with pytest.raises(CheckpointError):  # another model's keys: named as not this model
+            load(tmp_path / "foreign.pth")
+    with pytest.raises(CheckpointError, match="not a frame-classifier checkpoint"):
+        load_frame_classifier(tmp_path / "foreign.pth")
+    with pytest.raises(CheckpointError, match="does not build a FrameClassifier.*wings"):
+        load_frame_classifier(tmp_path / "tampered.safetensors")
+
+
 def test_batch_invariance_and_determinism():
     spec = registry.get("i3d_nl5_r50")
     m = spec.build(seed=0)

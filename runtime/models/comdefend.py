@@ -60,10 +60,10 @@ def comdefend_config(model: ComDefend) -> dict:
 def load_comdefend(path, **overrides) -> ComDefend:
     """From a vpure safetensors file (architecture in its metadata) or a .pth state dict
     of the default architecture."""
-    from ..checkpoint import load_into, read_state_dict
+    from ..checkpoint import construct, load_into, read_state_dict
 
     state, cfg = read_state_dict(path)
-    model = ComDefend(**{**cfg, **overrides})
+    model = construct(ComDefend, {**cfg, **overrides}, path)
     return load_into(model, state, str(path)).eval()
 
 

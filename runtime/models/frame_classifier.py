@@ -90,13 +90,16 @@ class FrameClassifier(FusedInference, nn.Module):
 def load_frame_classifier(path, **overrides) -> FrameClassifier:
     """From a vpure safetensors file (architecture in its metadata) or an ImageNet-layout
     ResNet-18 state dict (.pth/.safetensors; ``num_classes`` read from its fc layer)."""
-    from ..checkpoint import load_into, read_state_dict
+    from ..checkpoint import construct, load_into, read_state_dict
+    from ..errors import CheckpointError
 
     state, cfg = read_state_dict(path)
     if "fc.weight" in state:
         cfg.setdefault("num_classes", int(state["fc.weight"].shape[0]))
-    model = FrameClassifier(**{**cfg, **overrides})
-    return load_into(model, state, str(path)).eval()
+    if "num_classes" not in {**cfg, **overrides}:
+        raise CheckpointError(f"{path}: no fc.weight and no architecture metadata, not a frame-classifier "
+                              "checkpoint (a vpure safetensors file or an ImageNet-layout ResNet state dict)")
+    return load_into(construct(FrameClassifier, {**cfg, **overrides}, path), state, str(path)).eval()
 
 
 def frame_classifier_config(model: FrameClassifier) -> dict:

@@ -227,7 +227,7 @@ def load_i3d(path, **overrides) -> I3DResNet:
     """A GluonCV-torch I3D-ResNet50/101 checkpoint (with or without non-local blocks), or a
     vpure safetensors file. The stage depths, inflation and non-local placement are read
     from the keys; ``num_classes`` from ``fc.weight``."""
-    from ..checkpoint import load_into, read_state_dict
+    from ..checkpoint import construct, load_into, read_state_dict
 
     state, cfg = read_state_dict(path)
     if not cfg:
@@ -245,7 +245,7 @@ def load_i3d(path, **overrides) -> I3DResNet:
         basic = "res_layers.0.0.conv3.weight" not in state
         cfg = dict(num_classes=int(state["fc.weight"].shape[0]), blocks=blocks, inflate=inflate, nonlocal_=nonlocal_,
                    base_width=int(state["first_stage.0.weight"].shape[0]), block="basic" if basic else "bottleneck")
-    return load_into(I3DResNet(**{**cfg, **overrides}), state, str(path)).eval()
+    return load_into(construct(I3DResNet, {**cfg, **overrides}, path), state, str(path)).eval()
 
 
 register(ComponentSpec(

@@ -181,7 +181,7 @@ def tiny_slowfast() -> SlowFast:
 def load_slowfast(path, **overrides) -> SlowFast:
     """pytorchvideo ``slowfast_r50`` checkpoints (plain or under ``model_state``/``state_dict``)
     or vpure safetensors files; depths, widths and classes are read from the keys."""
-    from ..checkpoint import load_into, read_state_dict
+    from ..checkpoint import construct, load_into, read_state_dict
 
     state, cfg = read_state_dict(path)
     if not cfg:
@@ -191,7 +191,7 @@ def load_slowfast(path, **overrides) -> SlowFast:
                                if k.startswith(f"blocks.{i}.multipathway_blocks.0.res_blocks.")) for i in range(1, 5))
         cfg = dict(num_classes=int(state["blocks.6.proj.weight"].shape[0]), depths=depths,
                    stem_width=int(state["blocks.0.multipathway_blocks.0.conv.weight"].shape[0]))
-    return load_into(SlowFast(**{**cfg, **overrides}), state, str(path)).eval()
+    return load_into(construct(SlowFast, {**cfg, **overrides}, path), state, str(path)).eval()
 
 
 register(ComponentSpec(
