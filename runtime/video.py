@@ -21,6 +21,8 @@ def read_frames(path: str | Path, frames: int, size: int, start: int = 0) -> np.
     out = []
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"{path} has no video stream")
             for i, frame in enumerate(container.decode(video=0)):
                 if i < start:
                     continue

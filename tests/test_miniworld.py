@@ -243,3 +243,36 @@ def test_vae_bound_linear_codes_are_exact_at_full_rank_and_improve_with_componen
     psnr = patch_pca_psnr(train, test, (1, 4, 16, 192), clips=2)
     assert psnr[192] > 90  # every component kept: the patches come back (fold inverts unfold)
     assert psnr[1] < psnr[4] < psnr[16] < psnr[192]
+
+
+def test_demo_refuses_bad_arguments_before_loading_anything(tmp_path, capsys):
+    from vpure.runtime.cli import main
+
+    audio = tmp_path / "audio.mp4"
+    import av
+    import numpy as np
+    with av.open(str(audio), "w") as c:
+        s = c.add_stream("aac", rate=16000)
+        f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        f.sample_rate = 16000
+        for p in [*s.encode(f), *s.encode()]:
+            c.mux(p)
+    for argv, needle in ((["--frames", "1"], "frames must be in [2, 16]"), (["--index", "-1"], "index must be"),
+                         (["--eps", "2"], "eps must be in (0, 1]"), (["--out", str(tmp_path / "x.gif")], "must end in"),
+                         (["--video", str(audio), "--no-png"], "no video stream")):
+        assert main(["demo", *argv]) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+
+
+def test_i3d_names_its_fewest_frames():
+    from vpure.runtime.errors import InputError
+    from vpure.runtime.models.i3d import I3DResNet
+
+    small = I3DResNet(5, blocks=(1, 1), inflate=((1,), (1,)), base_width=8, block="basic", stem_pool=False).eval()
+    pooled = I3DResNet(5, blocks=(1, 1), inflate=((1,), (1,)), base_width=8, block="basic").eval()
+    for model, fewest in ((small, 3), (pooled, 5)):
+        assert model.min_frames == fewest
+        with torch.inference_mode():
+            assert model(torch.rand(1, 3, fewest, 32, 32)).shape == (1, 5)
+            with pytest.raises(InputError, match=f"at least {fewest} frames, got {fewest - 1}"):
+                model(torch.rand(1, 3, fewest - 1, 32, 32))

@@ -17,8 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import ConfigError, InputError
 from .dataset import CLASSES, WorldConfig, make_clip
 from .models import MiniWorld, load_world
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def videopure_config():
@@ -110,7 +113,8 @@ def strip_png(path: Path, clean: torch.Tensor, adv: torch.Tensor, purified: torc
         cv2.putText(canvas, name, (x + 6, y + 27), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+    if not cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
+        raise InputError(f"could not write the picture to {path}")
     return path
 
 
@@ -122,11 +126,21 @@ def run_demo(*, index: int = 0, video: str | Path | None = None, out: Path | Non
     from ..attacks import pgd
     from ..video import load_clip
 
+    cfg = WorldConfig()
+    n = cfg.frames if frames is None else frames
+    # Checked before any model loads: a bad argument costs nothing.
+    if not 2 <= n <= (cfg.frames if video is None else 10_000):
+        raise ConfigError(f"frames must be in [2, {cfg.frames}] for a mini-world clip (at least 2 for a video: "
+                          f"flow and temporal consistency need frame pairs), got {n}")
+    if video is None and index < 0:
+        raise ConfigError(f"index must be a test-split clip index >= 0, got {index}")
+    if out is not None and Path(out).suffix.lower() not in PICTURE_SUFFIXES:
+        raise ConfigError(f"the picture's path must end in {', '.join(PICTURE_SUFFIXES)}, got {out}")
+    if not (0.0 < eps <= 1.0 and iters >= 0):
+        raise ConfigError(f"eps must be in (0, 1] (pixels are in [0, 1]) and iters >= 0, got eps={eps}, iters={iters}")
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     world = load_world(weights_dir)
-    cfg = WorldConfig()
-    n = frames or cfg.frames
     if video is not None:
         clip, truth = load_clip(video, n, cfg.size), None
     else:

@@ -25,7 +25,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..registry import RECOGNIZER_IO, ComponentSpec, Role, register
+from .conv import graph_capture_active
 from .frame_classifier import IMAGENET_MEAN, IMAGENET_STD
 from .fused import ClipPlan, FusedInference
 
@@ -150,8 +152,19 @@ class I3DResNet(FusedInference, nn.Module):
         self.dp = nn.Dropout(dropout)
         self.fc = nn.Linear(cin, num_classes)
         self.head = nn.Sequential(self.dp, self.fc)  # the same modules under a second name, as saved
+        # The fewest frames the network takes: pool2 needs 2 time steps after the stem's stride 2.
+        self.min_frames = next(t for t in range(1, 64) if self._frames_after_stem(t) >= 2)
+
+    def _frames_after_stem(self, t: int) -> int:
+        conv = self.first_stage[0]
+        t = (t + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+        pool = self.first_stage[3]
+        return t if isinstance(pool, nn.Identity) else (t - 1) // pool.stride[0] + 1
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        if not graph_capture_active() and frames.ndim == 5 and frames.shape[2] < self.min_frames:
+            raise InputError(f"{type(self).__name__} needs clips of at least {self.min_frames} frames, "
+                             f"got {frames.shape[2]}")
         fused = self.fused_forward(frames)  # vpure.runtime.models.fused, after use_fused_inference
         if fused is not None:
             return fused
