@@ -109,6 +109,11 @@ def test_videomae_folder_round_trip(tmp_path):
         assert torch.allclose(loaded(x[:1])[0], out[0], atol=1e-5)  # batch invariance
     with pytest.raises(CheckpointError, match="not a VideoMAE folder"):
         load_videomae(tmp_path / "nowhere")
+    from vpure.runtime.errors import InputError
+
+    for shape in ((1, 3, 8, 32, 32), (1, 3, 4, 64, 64)):  # other T or size: named, not a broadcast error
+        with pytest.raises(InputError, match="exactly 4 frames at 32x32"), torch.inference_mode():
+            loaded(torch.rand(shape))
 
 
 def test_slowfast_r50_layout_and_checkpoints(tmp_path):

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from ..registry import RECOGNIZER_IO, ComponentSpec, Role, register
+from .conv import graph_capture_active
 from .frame_classifier import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -24,6 +25,12 @@ class VideoMAERecognizer(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1, 1), persistent=False)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        cfg = self.model.config
+        size = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size,) * 2
+        want = (cfg.num_frames, *size)
+        if not graph_capture_active() and (frames.ndim != 5 or tuple(frames.shape[2:]) != want):
+            raise InputError(f"this VideoMAE takes clips of exactly {want[0]} frames at {want[1]}x{want[2]} "
+                             f"(its position embeddings fix them), got shape {tuple(frames.shape)}")
         x = ((frames - self.mean) / self.std).permute(0, 2, 1, 3, 4)  # VideoMAE takes (B, T, C, H, W)
         return self.model(pixel_values=x).logits
 
