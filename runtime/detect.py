@@ -66,10 +66,9 @@ def route(alpha: float, gamma1: float = 0.175, gamma2: float = 0.3) -> str:
         a = math.nan
     if not 0.0 <= a <= 1.0:  # NaN fails too
         raise InputError(f"alpha must be an exception index in [0, 1], got {alpha!r}")
-    alpha = a
-    if alpha < gamma1:
+    if a < gamma1:
         return "clean"
-    return "sparse" if alpha < gamma2 else "dense"
+    return "sparse" if a < gamma2 else "dense"
 
 
 @dataclass(frozen=True)

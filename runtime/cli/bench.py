@@ -26,7 +26,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..endtoend import bench_clean_route, bench_clean_route_deploy, bench_config, stage_chart
     from ..errors import ConfigError
-
     from ..presets import PRESETS
 
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
