@@ -58,3 +58,20 @@ def test_cli_end_to_end(tmp_path, data_dir, capsys):
     assert 0 <= cfg.gamma1 <= cfg.gamma2 <= 1
     assert cv2.imread(str(roc)).shape == (480, 480, 3)
     assert main(["calibrate", "--clips", str(tmp_path / "nothing"), "--frame-classifier", str(ckpt)]) == 2
+
+
+def test_manifest_rows_are_checked_before_any_clip_is_decoded(tmp_path, capsys):
+    from vpure.runtime.cli import main
+
+    fc = tmp_path / "fc.safetensors"  # never read: every manifest below fails first
+    cases = {"header,then a bad kind": ("path,kind\nclip.mp4,clean\nclip.mp4,bogus\n", "line 3"),
+             "a row without its kind": ("clip.mp4\n", "line 1: expected 'path,kind'"),
+             "binary": (None, "not a CSV text file")}
+    for name, (text, needle) in cases.items():
+        manifest = tmp_path / f"{len(name)}.csv"
+        if text is None:
+            manifest.write_bytes(b"\x00\xff\xfe\x80")
+        else:
+            manifest.write_text(text)
+        assert main(["calibrate", "--manifest", str(manifest), "--frame-classifier", str(fc)]) == 2, name
+        assert needle in capsys.readouterr().err, name

@@ -21,19 +21,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _listing(args) -> list[tuple[Path, str]]:
+    from vpure.runtime.calibrate import KINDS
     from vpure.runtime.errors import InputError
 
     if args.clips is not None:
         if not args.clips.is_dir():
             raise InputError(f"--clips {args.clips} is not a folder")
-        items = [(f, kind) for kind in ("clean", "sparse", "dense") if (args.clips / kind).is_dir()
+        items = [(f, kind) for kind in KINDS if (args.clips / kind).is_dir()
                  for f in sorted((args.clips / kind).iterdir()) if f.suffix.lower() in VIDEO_SUFFIXES]
     else:
         if not args.manifest.is_file():
             raise InputError(f"--manifest {args.manifest} does not exist")
-        with args.manifest.open(newline="") as fh:
-            items = [(args.manifest.parent / row[0].strip(), row[1].strip()) for row in csv.reader(fh)
-                     if row and not row[0].startswith("#")]
+        try:
+            with args.manifest.open(newline="", encoding="utf-8") as fh:
+                rows = list(enumerate(csv.reader(fh), 1))
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise InputError(f"--manifest {args.manifest} is not a CSV text file: {e}") from None
+        items = []
+        for line, row in rows:
+            cells = [c.strip() for c in row]
+            if not any(cells) or cells[0].startswith("#") or (line == 1 and cells[:2] == ["path", "kind"]):
+                continue
+            if len(cells) < 2 or cells[1] not in KINDS:
+                raise InputError(f"--manifest {args.manifest} line {line}: expected 'path,kind' with kind one of "
+                                 f"{', '.join(KINDS)}, got {row}")
+            items.append((args.manifest.parent / cells[0], cells[1]))
     if not items:
         raise InputError("no labelled clips found")
     return items
