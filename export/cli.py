@@ -111,12 +111,21 @@ def run(args: argparse.Namespace) -> int:
     names = [s.name for s in registry.components()] if args.components == "all" else args.components.split(",")
     specs = [registry.get(n.strip()) for n in names]
     precisions = [Precision.parse(p.strip()) for p in args.precision.split(",")]
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file, not an artefact folder")
     ckpts = {}
     for item in args.checkpoint:
         name, sep, path = item.partition("=")
         if not sep:
             raise ConfigError(f"--checkpoint {item!r} must be NAME=PATH")
         ckpts[name] = Path(path)
+    if ckpts and (args.tiny or args.miniworld):  # those export their own weights: a checkpoint would be ignored
+        raise ConfigError(f"--checkpoint applies to --model-dir exports; --{'tiny' if args.tiny else 'miniworld'} "
+                          "exports its own weights")
+    for name, path in ckpts.items():
+        registry.get(name)  # an unknown name is named before any export
+        if not path.exists():
+            raise ConfigError(f"--checkpoint {name}={path}: no such file or folder")
     recipe = CalibrationRecipe(source=args.calibration, count=args.calib_count, method=args.calib_method,
                                reduce_range=not args.int8_full_range)
     if args.miniworld:

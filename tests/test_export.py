@@ -137,6 +137,21 @@ def test_export_cli(tmp_path, capsys):
     assert len(list(tmp_path.glob("*.onnx"))) == 3 and len(list(tmp_path.glob("*.json"))) == 3
 
 
+def test_export_cli_refuses_arguments_it_would_ignore_or_trip_on(tmp_path, capsys):
+    from vpure.runtime.cli import main
+
+    (tmp_path / "file").write_text("x")
+    fc = ["export", "--components", "frame_classifier"]
+    for argv, needle in (
+            ([*fc, "--tiny", "--checkpoint", f"frame_classifier={tmp_path}", "--out", str(tmp_path)], "--tiny exports its own"),
+            ([*fc, "--model-dir", str(tmp_path), "--checkpoint", "frame_classifier=/nowhere.pth", "--out", str(tmp_path)],
+             "no such file"),
+            ([*fc, "--tiny", "--out", str(tmp_path / "file")], "is a file, not an artefact folder")):
+        assert main(argv) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+    assert not list(tmp_path.glob("*.onnx"))
+
+
 def test_swapping_engines_is_a_config_change(tmp_path):
     from vpure.runtime.backends import backend_from_config
     from vpure.runtime.runconfig import RuntimeConfig
