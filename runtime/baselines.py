@@ -74,7 +74,7 @@ class FrameTransformDefence:
         self.name, self.recognizer, self.transform = name, recognizer, transform
 
     def __call__(self, clip: torch.Tensor, keep_frames: bool = False) -> DefenceResult:
-        clip = check_clip(clip)
+        clip = check_clip(clip, like=self.recognizer)
         sw = Stopwatch(clip.device)
         with sw("defend"):
             frames = self.transform(clip) if self.transform else clip
@@ -160,7 +160,7 @@ class LatentDiffusionDefence:
 
     @torch.inference_mode()
     def __call__(self, clip: torch.Tensor, keep_frames: bool = False) -> DefenceResult:
-        clip = check_clip(clip, self.latent_factor)
+        clip = check_clip(clip, self.latent_factor, self.encoder)
         sw = Stopwatch(clip.device)
         with sw("vae_encode"):
             z0 = self.encoder(clip)

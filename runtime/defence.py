@@ -52,10 +52,20 @@ class Stopwatch:
             self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
 
 
-def check_clip(clip: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+def _parameter_dtype(model) -> torch.dtype | None:
+    """The dtype of a torch module's first floating-point parameter (None for engines)."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
+
+
+def check_clip(clip: torch.Tensor, multiple: int = 1, like=None) -> torch.Tensor:
     """Check a clip: (B, 3, T, H, W) floating point, finite, in [0, 1], H and W multiples of
-    ``multiple``. Returns it as the components take it, float32 (the backends choose their own
-    precision inside): float64, float16 and bfloat16 clips are converted, float32 passes as is."""
+    ``multiple``. Returns it in the dtype the components take: a float32 clip as is (the
+    backends choose their own precision inside); any other float clip converted to the
+    parameters' dtype of ``like`` (the first model to read it), float32 for engines."""
     if not isinstance(clip, torch.Tensor):
         raise InputError(f"clip must be a torch.Tensor, got {type(clip).__name__}")
     if clip.ndim != 5 or clip.shape[1] != 3:
@@ -71,7 +81,9 @@ def check_clip(clip: torch.Tensor, multiple: int = 1) -> torch.Tensor:
         raise InputError(f"clip values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
     if clip.shape[-2] % multiple or clip.shape[-1] % multiple:
         raise InputError(f"clip H and W must be multiples of {multiple}, got {tuple(clip.shape[-2:])}")
-    return clip if clip.dtype == torch.float32 else clip.float()
+    if clip.dtype == torch.float32:
+        return clip
+    return clip.to(_parameter_dtype(like) or torch.float32)
 
 
 def classify(recognizer: Module, frames: torch.Tensor, sw: Stopwatch | None = None) -> torch.Tensor:
@@ -135,7 +147,7 @@ class VideoPure:
     @torch.inference_mode()
     def purified_members(self, clip: torch.Tensor) -> list[torch.Tensor]:
         """The M purified clips (each (B, 3, T, H, W)) the recogniser votes over (BPDA uses them)."""
-        clip, cfg = check_clip(clip, self.latent_factor), self.config
+        clip, cfg = check_clip(clip, self.latent_factor, self.encoder), self.config
         flow = self.flow_provider(clip, input_range=cfg.flow_range)
         z0 = self.encoder(clip)
         flow = downsample_flow(flow, tuple(z0.shape[-2:]))
@@ -145,7 +157,7 @@ class VideoPure:
 
     @torch.inference_mode()
     def __call__(self, clip: torch.Tensor, keep_frames: bool = False) -> DefenceResult:
-        clip, cfg = check_clip(clip, self.latent_factor), self.config
+        clip, cfg = check_clip(clip, self.latent_factor, self.encoder), self.config
         sw = Stopwatch(clip.device)
         b = clip.shape[0]
         with sw("flow"):

@@ -63,7 +63,7 @@ class Shield:
             return int(self.recognizer(clip).argmax(-1)[0])
 
     def __call__(self, clip: torch.Tensor) -> list[ShieldRecord]:
-        clip = check_clip(clip)
+        clip = check_clip(clip, like=self.recognizer)
         sw_all = Stopwatch(clip.device)
         with sw_all("detect"):
             det = self.detector(clip)

@@ -99,7 +99,7 @@ class ReleasedVideoPure:
         self.latent_factor = latent_factor
 
     def __call__(self, clip: torch.Tensor, keep_frames: bool = False) -> DefenceResult:
-        clip = check_clip(clip, self.latent_factor)
+        clip = check_clip(clip, self.latent_factor, self.encoder)
         cfg, sw = self.config, Stopwatch(clip.device)
         with torch.no_grad():
             with sw("flow"):
