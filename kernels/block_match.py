@@ -163,7 +163,10 @@ def block_match(cur, ref, *, block: int = 8, radius: int = 7, impl: str = "auto"
         raise KernelError(f"block_match: block must be an int >= 1 and radius an int >= 0, got {block}, {radius}")
     h, w = c4.shape[-2:]
     if h % block or w % block:
-        raise KernelError(f"block_match: H={h} and W={w} must be multiples of block={block}")
+        hint = ""
+        if ndim == 3 and w in (1, 3, 4) and c4.shape[1] > 4:  # an (H, W, C) image read as (C, H, W)
+            hint = f"; the input looks channels-last (H, W, C) = {tuple(np.shape(cur))}: pass (C, H, W)"
+        raise KernelError(f"block_match: H={h} and W={w} must be multiples of block={block}{hint}")
     if c4.is_floating_point() and not (bool(torch.isfinite(c4).all()) and bool(torch.isfinite(r4).all())):
         raise KernelError("block_match: cur or ref contains NaN or Inf")
     which = _dispatch.resolve(impl, c4.device, _IMPLS)

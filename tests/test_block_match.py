@@ -134,6 +134,7 @@ def test_motion_compensation_rejects_vectors_outside():
     (dict(cur=np.zeros((3, 16, 16), np.int16), ref=np.zeros((3, 16, 16), np.int16)), "uint8 or floating"),
     (dict(cur=np.full((1, 8, 8), np.nan, np.float32), ref=np.zeros((1, 8, 8), np.float32)), "NaN"),
     (dict(cur=np.zeros((1, 1, 1, 8, 8), np.uint8), ref=np.zeros((1, 1, 1, 8, 8), np.uint8)), "must be (H, W)"),
+    (dict(cur=np.zeros((16, 16, 3), np.uint8), ref=np.zeros((16, 16, 3), np.uint8)), "looks channels-last"),
 ])
 def test_bad_arguments(kwargs, needle):
     with pytest.raises(KernelError) as e:
