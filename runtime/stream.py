@@ -30,6 +30,7 @@ import torch
 from .config import ConfigBase, check
 from .errors import InputError
 from .log import get_logger
+from .video import open_video
 
 log = get_logger(__name__)
 
@@ -102,19 +103,7 @@ def is_url(source: str) -> bool:
 def _raw_frames_av(source: str, stats: StreamStats, cfg: StreamConfig) -> Iterator[tuple[float, np.ndarray]]:
     import av
 
-    try:
-        container = av.open(source, timeout=10.0) if is_url(source) else av.open(source)
-    except (av.error.FFmpegError, OSError) as e:
-        hint = ""
-        if isinstance(e, av.error.InvalidDataError) and not is_url(source):
-            size = Path(source).stat().st_size if Path(source).is_file() else -1
-            hint = (" (the file is empty)" if size == 0 else
-                    " (not a video FFmpeg can parse: a truncated MP4/MOV whose index (moov atom) was cut "
-                    "off, or another format)")
-        raise InputError(f"cannot open {source}: {e}{hint}") from None
-    with container:
-        if not container.streams.video:
-            raise InputError(f"{source} has no video stream")
+    with open_video(source, timeout=10.0 if is_url(source) else None) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         tb = float(stream.time_base) if stream.time_base else 0.0

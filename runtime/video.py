@@ -10,6 +10,26 @@ import torch
 from .errors import InputError
 
 
+def open_video(source: str | Path, *, timeout: float | None = None, verb: str = "open"):
+    """A PyAV container with a video stream, or an InputError naming the problem ("cannot
+    <verb> <source>: ..."), with a hint on FFmpeg's "Invalid data" for local files."""
+    import av
+
+    try:
+        container = av.open(str(source), timeout=timeout) if timeout else av.open(str(source))
+    except (av.error.FFmpegError, OSError) as e:
+        hint = ""
+        if isinstance(e, av.error.InvalidDataError) and Path(source).is_file():
+            hint = (" (the file is empty)" if Path(source).stat().st_size == 0 else
+                    " (not a video FFmpeg can parse: a truncated MP4/MOV whose index (moov atom) was cut "
+                    "off, or another format)")
+        raise InputError(f"cannot {verb} {source}: {e}{hint}") from None
+    if not container.streams.video:
+        container.close()
+        raise InputError(f"{source} has no video stream")
+    return container
+
+
 def read_frames(path: str | Path, frames: int, size: int, start: int = 0) -> np.ndarray:
     """(frames, size, size, 3) uint8 RGB from ``path``: centre-cropped square, area-resized."""
     import av
@@ -20,9 +40,7 @@ def read_frames(path: str | Path, frames: int, size: int, start: int = 0) -> np.
         raise InputError(f"video {path} does not exist")
     out = []
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise InputError(f"{path} has no video stream")
+        with open_video(path, verb="decode") as container:
             for i, frame in enumerate(container.decode(video=0)):
                 if i < start:
                     continue

@@ -129,7 +129,7 @@ def run_demo(*, index: int = 0, video: str | Path | None = None, out: Path | Non
     cfg = WorldConfig()
     n = cfg.frames if frames is None else frames
     # Checked before any model loads: a bad argument costs nothing.
-    if not 2 <= n <= (cfg.frames if video is None else 10_000):
+    if n < 2 or (video is None and n > cfg.frames):
         raise ConfigError(f"frames must be in [2, {cfg.frames}] for a mini-world clip (at least 2 for a video: "
                           f"flow and temporal consistency need frame pairs), got {n}")
     if video is None and index < 0:

@@ -21,15 +21,15 @@ class VideoMAERecognizer(nn.Module):
     def __init__(self, model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
         self.model = model
+        size = model.config.image_size
+        self.clip_shape = (model.config.num_frames, *(size if isinstance(size, (list, tuple)) else (size, size)))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1, 1), persistent=False)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        cfg = self.model.config
-        size = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size,) * 2
-        want = (cfg.num_frames, *size)
-        if not graph_capture_active() and (frames.ndim != 5 or tuple(frames.shape[2:]) != want):
-            raise InputError(f"this VideoMAE takes clips of exactly {want[0]} frames at {want[1]}x{want[2]} "
+        t, h, w = self.clip_shape
+        if not graph_capture_active() and (frames.ndim != 5 or tuple(frames.shape[2:]) != self.clip_shape):
+            raise InputError(f"this VideoMAE takes clips of exactly {t} frames at {h}x{w} "
                              f"(its position embeddings fix them), got shape {tuple(frames.shape)}")
         x = ((frames - self.mean) / self.std).permute(0, 2, 1, 3, 4)  # VideoMAE takes (B, T, C, H, W)
         return self.model(pixel_values=x).logits
