@@ -7,7 +7,9 @@ configuration's models (random init: latency does not depend on the weights) and
 The reference is :class:`~vpure.runtime.videopure_reference.ReleasedVideoPure` on the same
 models, decoded clip and flow; parity is identical votes. Cases are backends x precisions:
 torch fp32 (the runtime path), torch bf16 on CPU / fp16 on CUDA (UNet and VAE decoder),
-and ONNX Runtime artefacts (exported on first use into ``engines_dir``).
+ONNX Runtime artefacts (exported on first use into ``engines_dir``) and, asked for with
+``compile``, each torch precision's UNet and VAE compiled by Inductor (compiled during the
+untimed parity call).
 """
 
 from __future__ import annotations
@@ -109,10 +111,13 @@ def _ort_wrap(name: str, comp: str, module, precision: str, engines_dir: Path) -
                                          engines_dir=engines_dir))
 
 
-def cases_for(name: str, m, backends: list[str], precisions: list[str], device: str, engines_dir: Path):
-    """(case name, eps_fn, encoder, decoder, parity) for each backend x precision asked."""
+def cases_for(name: str, m, backends: list[str], precisions: list[str], device: str, engines_dir: Path,
+              compile: bool = False):
+    """(case name, eps_fn, encoder, decoder, parity) for each backend x precision asked;
+    ``compile`` adds each torch precision's UNet and VAE compiled by Inductor
+    (:func:`~.models.inference.compile_for_inference`, diffusers' own layers)."""
     from .models.diffusion import GraphedEps, eps_fn_of, optimise_for_inference
-    from .models.inference import prepare_decoder
+    from .models.inference import compile_for_inference, prepare_decoder
 
     out = []
     for backend in backends:
@@ -122,6 +127,9 @@ def cases_for(name: str, m, backends: list[str], precisions: list[str], device: 
                 optimise_for_inference(unet)
                 prepare_decoder(dec)
                 out.append(("torch fp32", eps_fn_of(unet), m.encoder, dec, _same_votes))
+                if compile:
+                    unet, enc, dec = (compile_for_inference(copy.deepcopy(x)) for x in (m.unet, m.encoder, m.decoder))
+                    out.append(("torch fp32, Inductor", eps_fn_of(unet), enc, dec, _same_votes))
             elif backend == "torch" and p in ("bf16", "fp16"):
                 if (p == "fp16") != (device == "cuda"):
                     continue  # bf16 is the CPU's low precision, fp16 the GPU's
@@ -135,6 +143,12 @@ def cases_for(name: str, m, backends: list[str], precisions: list[str], device: 
                 e16 = eps_fn_of(m16.unet)
                 out.append((f"torch {p} UNet+decoder", lambda z, t, e=e16, d=dt: e(z.to(d), t).float(), m.encoder,
                             lambda z, d=dt, dec=m16.decoder: dec(z.to(d)).float(), _low_precision_parity))
+                if compile:  # diffusers' layers at this precision, the encoder too, compiled
+                    mc = presets.build(name, device=device, dtype=dt)
+                    unet, enc, dec = (compile_for_inference(x) for x in (mc.unet, mc.encoder, mc.decoder))
+                    out.append((f"torch {p} UNet+VAE, Inductor", lambda z, t, e=eps_fn_of(unet), d=dt: e(z.to(d), t).float(),
+                                lambda x, d=dt, f=enc: f(x.to(d)).float(), lambda z, d=dt, f=dec: f(z.to(d)).float(),
+                                _low_precision_parity))
                 if device == "cuda":  # the same fp16 modules, each UNet shape replayed from a CUDA graph
                     g16 = GraphedEps(m16.unet)
                     out.append((f"torch {p} UNet+decoder, CUDA graphs",
@@ -153,7 +167,7 @@ def cases_for(name: str, m, backends: list[str], precisions: list[str], device: 
 
 def bench_config(name: str, *, backends: list[str], precisions: list[str], iters: int = 3,
                  csv_path: str | Path | None = None, engines_dir: Path | None = None,
-                 video: Path | None = None) -> list[tuple[str, benchmark.Row, Pipeline]]:
+                 video: Path | None = None, compile: bool = False) -> list[tuple[str, benchmark.Row, Pipeline]]:
     from .defence import VideoPure
     from .detect import Detector
     from .flow import DISFlow
@@ -173,7 +187,7 @@ def bench_config(name: str, *, backends: list[str], precisions: list[str], iters
     ref = Pipeline(src, preset.frames, preset.size, det,
                    ReleasedVideoPure(eps_fn_of(m.unet), m.encoder, m.decoder, m.recognizer, flow), device)
     cases, pipes = [], {"released-equivalent": ref}
-    for cname, eps, enc, dec, parity in cases_for(name, m, backends, precisions, device, engines_dir):
+    for cname, eps, enc, dec, parity in cases_for(name, m, backends, precisions, device, engines_dir, compile):
         p = Pipeline(src, preset.frames, preset.size, det, VideoPure(eps, enc, dec, m.recognizer, flow), device)
         pipes[cname] = p
         cases.append(benchmark.Case(cname, p, parity))

@@ -31,6 +31,9 @@ class ComponentChoice(ConfigBase):
     calibration: CalibrationRecipe | None = None  # int8 only; None = the default recipe
     # TensorRT only: capture each input shape's execution in a CUDA graph after one warm-up run.
     cuda_graph: bool = False
+    # torch only: compile the module with Inductor, weights frozen (compile_for_inference);
+    # the first call of each input shape compiles (minutes for a UNet on a small CPU).
+    compile: bool = False
 
     def validate(self) -> None:
         check(self.backend in BACKEND_NAMES,
@@ -39,6 +42,8 @@ class ComponentChoice(ConfigBase):
               f"ComponentChoice.calibration is only meaningful for int8, precision is {self.precision.value}")
         check(not self.cuda_graph or self.backend == "tensorrt",
               f"ComponentChoice.cuda_graph is a TensorRT option, backend is {self.backend!r}")
+        check(not self.compile or self.backend == "torch",
+              f"ComponentChoice.compile is a torch option, backend is {self.backend!r}")
 
     @property
     def recipe(self) -> CalibrationRecipe | None:

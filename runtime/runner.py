@@ -109,9 +109,10 @@ def load_components(cfg: RunConfig) -> Components:
                            specs={r: registry.get(r) for r in REGISTRY_NAMES.values()})
     from .models.inference import prepare_decoder, prepare_frame_classifier, prepare_recognizer
 
-    def torch_module(fld):
+    def torch_module(fld):  # served eagerly by torch: the eager rewrites apply (a compiled one keeps its layers)
         choice, module = cfg.runtime.components.get(REGISTRY_NAMES[fld]), getattr(comps, fld)
-        return isinstance(module, torch.nn.Module) and (choice is None or choice.backend == "torch")
+        return isinstance(module, torch.nn.Module) and (choice is None or choice.backend == "torch"
+                                                        and not choice.compile)
 
     if torch_module("recognizer"):
         prepare_recognizer(comps.recognizer)
@@ -119,8 +120,7 @@ def load_components(cfg: RunConfig) -> Components:
         prepare_frame_classifier(comps.frame_classifier)
     if torch_module("decoder"):
         prepare_decoder(comps.decoder)
-    unet_choice = cfg.runtime.components.get(REGISTRY_NAMES["unet"])
-    if isinstance(comps.unet, torch.nn.Module) and (unet_choice is None or unet_choice.backend == "torch"):
+    if torch_module("unet"):
         from .models.diffusion import EpsUNet, fold_temporal_convs, optimise_for_inference
 
         if isinstance(comps.unet, EpsUNet):  # torch inference only: exporters see diffusers' modules
@@ -129,7 +129,7 @@ def load_components(cfg: RunConfig) -> Components:
             fold_temporal_convs(comps.unet)
     for fld, reg in REGISTRY_NAMES.items():
         choice = cfg.runtime.components.get(reg)
-        if choice is None or choice.backend == "torch" and choice.precision.value == "fp32":
+        if choice is None or choice.backend == "torch" and choice.precision.value == "fp32" and not choice.compile:
             continue
         from .backends import as_module_call, create_backend
 

@@ -50,6 +50,8 @@ def test_frozen():
     ({"components": {"nope": {}}}, "unknown component(s) nope"),
     ({"components": {"unet": {"backend": "onnxruntime"}}}, "needs engines_dir"),
     ({"components": {"unet": {"calibration": {"count": 4}}}}, "only meaningful for int8"),
+    ({"engines_dir": "e", "components": {"unet": {"backend": "onnxruntime", "compile": True}}},
+     "ComponentChoice.compile is a torch option"),
     ({"components": {"unet": {"precision": "int8", "calibration": {"count": 0}}}}, "count must be >= 1"),
     ({"version": 99}, "version 99 is not supported"),
     ({"device": 3}, "expected a string"),

@@ -20,7 +20,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, spec: ComponentSpec, module: torch.nn.Module, precision: Precision = Precision.FP32,
-                 device: str = "cpu"):
+                 device: str = "cpu", compile: bool = False):
         if precision is Precision.INT8:
             raise BackendUnavailable(
                 f"component {spec.name!r}: the torch backend does not run int8; build an int8 engine with "
@@ -33,6 +33,11 @@ class TorchBackend:
             log.warning("component %r runs in bf16, but %s; fp32 is faster here", spec.name, EMULATED_BF16)
         self.dtype = precision.torch_dtype
         self.module = module.to(self.device, self.dtype).eval()
+        self.compiled = compile
+        if compile:
+            from ..models.inference import compile_for_inference
+
+            self.module = compile_for_inference(self.module)
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         check_inputs(self.spec, inputs)
@@ -41,7 +46,7 @@ class TorchBackend:
             x = inputs[t.name].to(self.device, non_blocking=True)
             args.append(x.to(self.dtype) if x.is_floating_point() else x)
         with torch.inference_mode():
-            out = self.module(*args)
+            out = self._forward(args)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         if len(outs) != len(self.spec.outputs):
             raise ConfigError(f"component {self.spec.name!r}: module returned {len(outs)} outputs, "
@@ -49,8 +54,24 @@ class TorchBackend:
         return {t.name: (o.float() if o.is_floating_point() else o) for t, o in zip(self.spec.outputs, outs)}
 
 
+    def _forward(self, args: list[torch.Tensor]):
+        if not self.compiled:
+            return self.module(*args)
+        from torch._dynamo.exc import BackendCompilerFailed
+        from torch._inductor.exc import InvalidCxxCompiler
+
+        try:
+            return self.module(*args)
+        except (BackendCompilerFailed, InvalidCxxCompiler) as e:  # compiles at the first call of a shape
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BackendUnavailable(
+                f"component {self.spec.name!r}: torch.compile could not compile it ({first}); Inductor needs a "
+                f"C++ compiler on CPU and Triton on CUDA. Set compile = false for this component to run it eagerly"
+            ) from e
+
+
 def create(spec: ComponentSpec, choice: ComponentChoice, *, module: Any = None, device: str = "cpu",
            engines_dir: Any = None, reuse_outputs: bool = False) -> TorchBackend:
     if module is None:
         raise ConfigError(f"component {spec.name!r}: the torch backend needs a module (build or load one)")
-    return TorchBackend(spec, module, choice.precision, device)
+    return TorchBackend(spec, module, choice.precision, device, compile=choice.compile)

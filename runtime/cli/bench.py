@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engines", type=Path, default=None, help="artefact cache for onnxruntime cases")
     p.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV to append rows to ('' for none)")
     p.add_argument("--png", type=Path, default=Path("benchmarks/results/stages.png"), help="stage breakdown chart")
+    p.add_argument("--compile", action="store_true",
+                   help="add the torch cases' UNet and VAE compiled by Inductor (weights frozen; compiles minutes first)")
     p.add_argument("--clean-route", action="store_true",
                    help="also time the Shield's clean route against the recogniser alone, for an isolated "
                         "clip, a file stream and a live stream (mini-world models, and I3D-R50 with a "
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             results[name] = bench_config(name, backends=args.backends.split(","),
                                          precisions=args.precisions.split(","), iters=args.iters, csv_path=csv,
-                                         engines_dir=args.engines, video=args.video)
+                                         engines_dir=args.engines, video=args.video, compile=args.compile)
         except ConfigError as e:
             skipped.append(f"{name}: {e}")
     if args.clean_route:

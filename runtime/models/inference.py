@@ -39,3 +39,21 @@ def prepare_decoder(module: nn.Module) -> None:
     from .diffusion import use_subpixel_upsampling
 
     use_subpixel_upsampling(module)
+
+
+def compile_for_inference(module: nn.Module) -> nn.Module:
+    """``module`` compiled by Inductor for inference calls: static shapes, and the weights
+    frozen into the graph as constants (Inductor's ``freezing``: folded, and on CPU prepacked
+    for oneDNN's convolution and matmul kernels, AMX where the CPU has it). The eager
+    rewrites above are for eager calls; a compiled module should get the original layers
+    (Inductor fuses diffusers' own graph better than the rewritten one).
+
+    Compilation happens on the first call of each input shape and takes minutes for a UNet
+    on a small CPU (a C++ compiler is needed on CPU, Triton on CUDA); later calls reuse it.
+    Freezing applies to calls without autograd (``torch.inference_mode``/``no_grad``) and
+    snapshots the weights: a module whose parameters change afterwards must be compiled
+    again. Returns the compiled wrapper; ``module`` itself is unchanged."""
+    import torch
+
+    module.requires_grad_(False)
+    return torch.compile(module, dynamic=False, options={"freezing": True})
