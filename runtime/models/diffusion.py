@@ -302,8 +302,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     softmax is fp32 too; the output keeps ``q``'s dtype). Differentiable either way."""
     if q.device.type != "cpu" or k.shape[-2] > SHORT_KEYS:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-    qf, kf, vf = q.float(), k.float(), v.float()
-    scores = torch.matmul(qf, kf.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    qf, kf, vf = q.float() * (q.shape[-1] ** -0.5), k.float(), v.float()  # scaled before: Lq*hd < Lq*Lk values
+    scores = torch.matmul(qf, kf.transpose(-1, -2))
     return torch.matmul(scores.softmax(-1), vf).to(q.dtype)
 
 
