@@ -34,10 +34,15 @@ class TorchBackend:
         self.dtype = precision.torch_dtype
         self.module = module.to(self.device, self.dtype).eval()
         self.compiled = compile
+        self._compile_errors: tuple[type[Exception], ...] = ()
         if compile:
+            from torch._dynamo.exc import BackendCompilerFailed
+            from torch._inductor.exc import InvalidCxxCompiler
+
             from ..models.inference import compile_for_inference
 
             self.module = compile_for_inference(self.module)
+            self._compile_errors = (BackendCompilerFailed, InvalidCxxCompiler)  # raised at a shape's first call
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         check_inputs(self.spec, inputs)
@@ -53,16 +58,10 @@ class TorchBackend:
                               f"the registry declares {self.spec.output_names}")
         return {t.name: (o.float() if o.is_floating_point() else o) for t, o in zip(self.spec.outputs, outs)}
 
-
     def _forward(self, args: list[torch.Tensor]):
-        if not self.compiled:
-            return self.module(*args)
-        from torch._dynamo.exc import BackendCompilerFailed
-        from torch._inductor.exc import InvalidCxxCompiler
-
         try:
             return self.module(*args)
-        except (BackendCompilerFailed, InvalidCxxCompiler) as e:  # compiles at the first call of a shape
+        except self._compile_errors as e:  # empty unless compiled: nothing caught then
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise BackendUnavailable(
                 f"component {self.spec.name!r}: torch.compile could not compile it ({first}); Inductor needs a "

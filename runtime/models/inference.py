@@ -52,7 +52,8 @@ def compile_for_inference(module: nn.Module) -> nn.Module:
     on a small CPU (a C++ compiler is needed on CPU, Triton on CUDA); later calls reuse it.
     Freezing applies to calls without autograd (``torch.inference_mode``/``no_grad``) and
     snapshots the weights: a module whose parameters change afterwards must be compiled
-    again. Returns the compiled wrapper; ``module`` itself is unchanged."""
+    again. The module's parameters are set not to require gradients (the compiled path is
+    for inference); it is otherwise unchanged. Returns the compiled wrapper."""
     import torch
 
     module.requires_grad_(False)
