@@ -111,6 +111,12 @@ def _ort_wrap(name: str, comp: str, module, precision: str, engines_dir: Path) -
                                          engines_dir=engines_dir))
 
 
+def _cast(fn: Callable, dtype: torch.dtype) -> Callable:
+    """``fn`` with its first input cast to ``dtype`` and its output back in float32 (a
+    low-precision module behind the fp32 interface VideoPure calls)."""
+    return lambda x, *rest: fn(x.to(dtype), *rest).float()
+
+
 def cases_for(name: str, m, backends: list[str], precisions: list[str], device: str, engines_dir: Path,
               compile: bool = False):
     """(case name, eps_fn, encoder, decoder, parity) for each backend x precision asked;
@@ -140,20 +146,17 @@ def cases_for(name: str, m, backends: list[str], precisions: list[str], device: 
                 m16 = presets.build(name, device=device, dtype=dt)
                 optimise_for_inference(m16.unet)
                 prepare_decoder(m16.decoder)
-                e16 = eps_fn_of(m16.unet)
-                out.append((f"torch {p} UNet+decoder", lambda z, t, e=e16, d=dt: e(z.to(d), t).float(), m.encoder,
-                            lambda z, d=dt, dec=m16.decoder: dec(z.to(d)).float(), _low_precision_parity))
+                dec16 = _cast(m16.decoder, dt)
+                out.append((f"torch {p} UNet+decoder", _cast(eps_fn_of(m16.unet), dt), m.encoder, dec16,
+                            _low_precision_parity))
                 if compile:  # diffusers' layers at this precision, the encoder too, compiled
                     mc = presets.build(name, device=device, dtype=dt)
                     unet, enc, dec = (compile_for_inference(x) for x in (mc.unet, mc.encoder, mc.decoder))
-                    out.append((f"torch {p} UNet+VAE, Inductor", lambda z, t, e=eps_fn_of(unet), d=dt: e(z.to(d), t).float(),
-                                lambda x, d=dt, f=enc: f(x.to(d)).float(), lambda z, d=dt, f=dec: f(z.to(d)).float(),
-                                _low_precision_parity))
+                    out.append((f"torch {p} UNet+VAE, Inductor", _cast(eps_fn_of(unet), dt), _cast(enc, dt),
+                                _cast(dec, dt), _low_precision_parity))
                 if device == "cuda":  # the same fp16 modules, each UNet shape replayed from a CUDA graph
-                    g16 = GraphedEps(m16.unet)
-                    out.append((f"torch {p} UNet+decoder, CUDA graphs",
-                                lambda z, t, e=g16, d=dt: e(z.to(d), t).float(), m.encoder,
-                                lambda z, d=dt, dec=m16.decoder: dec(z.to(d)).float(), _low_precision_parity))
+                    out.append((f"torch {p} UNet+decoder, CUDA graphs", _cast(GraphedEps(m16.unet), dt), m.encoder,
+                                dec16, _low_precision_parity))
             elif backend == "onnxruntime" and p in ("fp32", "fp16", "int8"):
                 if device != "cpu":
                     continue  # onnxruntime-gpu is not part of this benchmark's machines

@@ -33,7 +33,6 @@ class TorchBackend:
             log.warning("component %r runs in bf16, but %s; fp32 is faster here", spec.name, EMULATED_BF16)
         self.dtype = precision.torch_dtype
         self.module = module.to(self.device, self.dtype).eval()
-        self.compiled = compile
         self._compile_errors: tuple[type[Exception], ...] = ()
         if compile:
             from torch._dynamo.exc import BackendCompilerFailed
@@ -57,6 +56,10 @@ class TorchBackend:
             raise ConfigError(f"component {self.spec.name!r}: module returned {len(outs)} outputs, "
                               f"the registry declares {self.spec.output_names}")
         return {t.name: (o.float() if o.is_floating_point() else o) for t, o in zip(self.spec.outputs, outs)}
+
+    @property
+    def compiled(self) -> bool:
+        return bool(self._compile_errors)
 
     def _forward(self, args: list[torch.Tensor]):
         try:
