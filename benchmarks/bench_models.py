@@ -5,10 +5,12 @@ layer on oneDNN), ``--conv-layout`` the recognisers and frame classifiers with d
 channels-last convolution weights, ``--fused`` the frame classifiers and the I3D and SlowFast
 recognisers as loaded before (eager) against their fused oneDNN plans, ``--subpixel`` the VAE
 decoders (and the `small` UNet) with diffusers' upsample-then-convolve layers against
-:class:`SubpixelUpsample`; all interleaved, outputs compared.
+:class:`SubpixelUpsample`, ``--native-attention`` PyTorch's attention kernel against the native
+small-head kernel at the `small` UNet's attention shapes; all interleaved, outputs compared.
 
 Run from the repository root:
-  .venv/bin/python -m benchmarks.bench_models [--tiny-only] [--conv3d] [--conv-layout] [--fused] [--subpixel] [--csv PATH]
+  .venv/bin/python -m benchmarks.bench_models [--tiny-only] [--conv3d] [--conv-layout] [--fused] [--subpixel]
+      [--native-attention] [--csv PATH]
 """
 
 from __future__ import annotations
@@ -212,6 +214,53 @@ def bench_subpixel(csv_path=None, iters: int = 5) -> list:
                     csv_path, iters, 10, lambda z: z.shape[-1] <= 8)
 
 
+# (batch, query length, key length, heads) of every attention call in one `small` UNet call
+# (16 latent frames at 14x14; 8-channel heads), with how many calls of each shape it makes.
+SMALL_UNET_ATTENTION = [((196, 16, 16, 8), 12), ((16, 196, 196, 8), 5), ((16, 196, 77, 8), 5), ((16, 49, 49, 16), 5),
+                        ((16, 49, 77, 16), 5), ((49, 16, 16, 16), 10), ((16, 16, 16, 32), 15), ((16, 16, 77, 32), 5)]
+
+
+def bench_native_attention(csv_path=None, iters: int = 20) -> list:
+    """PyTorch's ``scaled_dot_product_attention`` (per-head transposes in and out, as diffusers'
+    processor calls it) against :func:`vpure.kernels.attention.small_head_attention` on the
+    projections' layout, at each attention shape of the `small` UNet, fp32 and bf16; interleaved
+    rounds, outputs compared. The native kernel is used by compiled components only where its
+    AVX-512 copy runs, so elsewhere this reports the portable copy and says so."""
+    from vpure.kernels.attention import native_attention_available, small_head_attention
+
+    if not native_attention_available():
+        print("native attention: no AVX-512 on this CPU: timing the portable copy, which compiled components do not use")
+
+    def sdpa(q, k, v, heads):
+        b, lq, c = q.shape
+        qh, kh, vh = (t.view(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(b, lq, c)
+
+    def close(out, ref):
+        d = (out.float() - ref.float()).abs().max().item()
+        assert d < (2e-2 if out.dtype == torch.bfloat16 else 1e-4), f"outputs differ by {d}"
+        return f"max|d|={d:.1e}"
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for (b, lq, lk, heads), calls in SMALL_UNET_ATTENTION:
+            q, k, v = (torch.randn(b, n, heads * 8, generator=g).to(dtype) for n in (lq, lk, lk))
+            name = f"{str(dtype)[6:]} B={b} Lq={lq} Lk={lk} heads={heads} (x{calls} per UNet call)"
+            rows += benchmark.run("native attention", name,
+                                  benchmark.Case("SDPA", lambda q=q, k=k, v=v, h=heads: _call_fn(sdpa, q, k, v, h)),
+                                  [benchmark.Case("small_head_attention",
+                                                  lambda q=q, k=k, v=v, h=heads: _call_fn(small_head_attention, q, k, v, h),
+                                                  close)],
+                                  csv_path=csv_path, interleave=True, warmup=2, min_iters=iters, min_time_s=0.0)
+    return rows
+
+
+def _call_fn(fn, *args):
+    with torch.inference_mode():
+        return fn(*args)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny-only", action="store_true")
@@ -222,9 +271,14 @@ def main(argv=None) -> None:
                    help="only the frame classifiers and I3D/SlowFast recognisers, eager against their fused plans")
     p.add_argument("--subpixel", action="store_true",
                    help="only the VAE decoders, diffusers' Upsample2D against SubpixelUpsample")
+    p.add_argument("--native-attention", action="store_true",
+                   help="only the `small` UNet's attention shapes, PyTorch's kernel against the native one")
     p.add_argument("--csv", default="benchmarks/results/results.csv")
     args = p.parse_args(argv)
     args.csv = args.csv or None
+    if args.native_attention:
+        bench_native_attention(args.csv)
+        return
     if args.subpixel:
         bench_subpixel(args.csv)
         return

@@ -1,4 +1,4 @@
-// vpure.kernels._native: CPU kernels for block matching and warp-L1.
+// vpure.kernels._native: CPU kernels for block matching, warp-L1 and small-head attention.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
@@ -8,6 +8,7 @@ namespace nb = nanobind;
 
 void register_block_match(nb::module_ &m);
 void register_warp_l1(nb::module_ &m);
+void register_attention(nb::module_ &m);
 
 NB_MODULE(_native, m) {
   m.doc() = "vpure native CPU kernels";
@@ -29,4 +30,5 @@ NB_MODULE(_native, m) {
         "Threads used by the native kernels (OpenMP).");
   register_block_match(m);
   register_warp_l1(m);
+  register_attention(m);
 }

@@ -46,15 +46,23 @@ def compile_for_inference(module: nn.Module) -> nn.Module:
     frozen into the graph as constants (Inductor's ``freezing``: folded, and on CPU prepacked
     for oneDNN's convolution and matmul kernels, AMX where the CPU has it). The eager
     rewrites above are for eager calls; a compiled module should get the original layers
-    (Inductor fuses diffusers' own graph better than the rewritten one).
+    (Inductor fuses diffusers' own graph better than the rewritten one), with one exception:
+    attention layers with 8-, 16- or 32-wide heads get the native small-head kernel where
+    its AVX-512 copy runs (:func:`~.diffusion.use_native_attention`, one custom op in the
+    graph instead of PyTorch's flash kernel; ``bench_models --native-attention``).
 
     Compilation happens on the first call of each input shape and takes minutes for a UNet
     on a small CPU (a C++ compiler is needed on CPU, Triton on CUDA); later calls reuse it.
     Freezing applies to calls without autograd (``torch.inference_mode``/``no_grad``) and
     snapshots the weights: a module whose parameters change afterwards must be compiled
     again. The module's parameters are set not to require gradients (the compiled path is
-    for inference); it is otherwise unchanged. Returns the compiled wrapper."""
+    for inference) and its attention processors may change as said above; it is otherwise
+    unchanged. Returns the compiled wrapper."""
     import torch
 
+    from .diffusion import use_native_attention
+
     module.requires_grad_(False)
+    if all(p.device.type == "cpu" for p in module.parameters()):
+        use_native_attention(module)
     return torch.compile(module, dynamic=False, options={"freezing": True})
