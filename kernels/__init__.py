@@ -1,4 +1,5 @@
-"""vpure.kernels: the hot loops (warp-L1 loss/gradient, block matching, integer DCT).
+"""vpure.kernels: the hot loops (warp-L1 loss/gradient, block matching, integer DCT, and
+small-head attention for compiled CPU inference, ``attention.py``).
 
 Depends on torch (and triton, imported lazily) only. Each op module follows one order:
 ``<op>_ref`` (float64 oracle), Triton launcher (its ``@triton.jit`` kernels live in
@@ -8,6 +9,7 @@ implementations, then the public ``<op>(..., impl="auto")``.
 """
 
 from ._dispatch import IMPLS, available_impls, native
+from .attention import small_head_attention
 from .block_match import block_match
 from .errors import KernelError, KernelUnavailable
 from .intdct import dequantize, forward_transform, inverse_transform, quantize, quantize_residual
@@ -17,5 +19,5 @@ from .warp_l1 import warp_l1, warp_l1_grad
 __all__ = [
     "IMPLS", "KernelError", "KernelUnavailable", "available_impls", "block_match", "dequantize",
     "forward_transform", "inverse_transform", "motion_compensate", "native", "quantize", "quantize_residual",
-    "warp_l1", "warp_l1_grad",
+    "small_head_attention", "warp_l1", "warp_l1_grad",
 ]

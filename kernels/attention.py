@@ -9,7 +9,8 @@ in AVX-512, a vectorised exp, fp32 arithmetic on fp32 or bf16 tensors.
 Tensors are taken as an attention layer's projections lay them out, ``(B, L, H*D)``,
 so no per-head transposes are needed. ``small_head_attention`` is a ``torch.library``
 custom op (``vpure::small_head_attention``): a compiled graph calls it as one opaque
-kernel. It has no autograd formula; :func:`native_attention_applies` says when it is used.
+kernel. It has no autograd formula: callers use it for inference only (the attention
+processor ``vpure.runtime.models.diffusion.NativeSmallHeadAttention`` steps aside under autograd).
 """
 
 from __future__ import annotations
@@ -25,17 +26,10 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 def native_attention_available() -> bool:
     """Whether the fast (AVX-512) copy of the native kernel runs on this CPU. Elsewhere the
-    native module still has a portable copy (tests use it), but PyTorch's kernel is faster."""
+    native module has only its scalar portable copy (tests use it), so callers keep
+    PyTorch's kernel there."""
     mod = native()
     return mod is not None and bool(mod.cpu_has_avx512())
-
-
-def native_attention_applies(q: torch.Tensor, heads: int) -> bool:
-    """Whether :func:`attention` takes the native kernel for ``q`` (B, L, heads*D): a CPU
-    tensor in fp32 or bf16, D in ``HEAD_SIZES``, no gradient wanted, AVX-512 present."""
-    return (q.device.type == "cpu" and q.dtype in _DTYPES and q.ndim == 3 and q.shape[-1] % heads == 0
-            and q.shape[-1] // heads in HEAD_SIZES
-            and not (torch.is_grad_enabled() and q.requires_grad) and native_attention_available())
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> int:

@@ -432,7 +432,8 @@ class NativeSmallHeadAttention:
 def use_native_attention(module: nn.Module) -> int:
     """Every diffusers ``Attention`` in ``module`` with heads of 8, 16 or 32 channels gets
     :class:`NativeSmallHeadAttention`, where the kernel's AVX-512 copy runs on this CPU
-    (elsewhere PyTorch's kernel is faster and nothing changes). In place; returns the count.
+    (elsewhere only its scalar portable copy exists, so PyTorch's kernel stays). In place;
+    returns the count.
     For inference (compiled or not); autograd calls fall back to diffusers' processor."""
     from diffusers.models.attention_processor import Attention
 
