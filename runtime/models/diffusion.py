@@ -401,8 +401,8 @@ class ConstantContextAttention:
 
 
 class NativeSmallHeadAttention:
-    """Attention processor for compiled CPU inference: diffusers' ``AttnProcessor2_0``
-    arithmetic with the native small-head kernel
+    """Attention processor for CPU inference (compiled components get it): diffusers'
+    ``AttnProcessor2_0`` arithmetic with the native small-head kernel
     (:func:`vpure.kernels.attention.small_head_attention`; a compiled graph calls it as one
     custom op) in place of PyTorch's flash kernel, which is slow for 8-wide heads. The
     projections are passed as they are laid out, so no per-head transposes remain. Anything
@@ -412,20 +412,21 @@ class NativeSmallHeadAttention:
     def __init__(self):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
+        from vpure.kernels.attention import HEAD_SIZES, small_head_attention
+
         self._fallback = AttnProcessor2_0()
+        self._attend, self._head_sizes = small_head_attention, HEAD_SIZES
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        from vpure.kernels.attention import HEAD_SIZES, small_head_attention
-
         hd = attn.inner_dim // attn.heads
-        if (not _plain(attn, hidden_states, attention_mask) or attn.norm_cross or hd not in HEAD_SIZES
+        if (not _plain(attn, hidden_states, attention_mask) or attn.norm_cross or hd not in self._head_sizes
                 or attn.inner_kv_dim != attn.inner_dim
                 or hidden_states.device.type != "cpu" or hidden_states.dtype not in (torch.float32, torch.bfloat16)
                 or torch.is_grad_enabled()):
             return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        out = small_head_attention(attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx), attn.heads, attn.scale)
+        out = self._attend(attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx), attn.heads, attn.scale)
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
 
@@ -433,8 +434,8 @@ def use_native_attention(module: nn.Module) -> int:
     """Every diffusers ``Attention`` in ``module`` with heads of 8, 16 or 32 channels gets
     :class:`NativeSmallHeadAttention`, where the kernel's AVX-512 copy runs on this CPU
     (elsewhere only its scalar portable copy exists, so PyTorch's kernel stays). In place;
-    returns the count.
-    For inference (compiled or not); autograd calls fall back to diffusers' processor."""
+    returns the count. For inference, compiled or eager: calls under autograd go to
+    diffusers' processor."""
     from diffusers.models.attention_processor import Attention
 
     from vpure.kernels.attention import HEAD_SIZES, native_attention_available
