@@ -57,9 +57,9 @@ def _recognisers_for_conv3d():
     yield "slowfast_r50, 32x224x224", slowfast_r50(400).eval(), torch.rand(1, 3, 32, 224, 224, generator=g)
 
 
-def _call(m, x):
+def _call(fn, *args):
     with torch.inference_mode():
-        return m(x)
+        return fn(*args)
 
 
 def _same_logits(out, ref):
@@ -248,17 +248,12 @@ def bench_native_attention(csv_path=None, iters: int = 20) -> list:
             q, k, v = (torch.randn(b, n, heads * 8, generator=g).to(dtype) for n in (lq, lk, lk))
             name = f"{str(dtype)[6:]} B={b} Lq={lq} Lk={lk} heads={heads} (x{calls} per UNet call)"
             rows += benchmark.run("native attention", name,
-                                  benchmark.Case("SDPA", lambda q=q, k=k, v=v, h=heads: _call_fn(sdpa, q, k, v, h)),
+                                  benchmark.Case("SDPA", lambda q=q, k=k, v=v, h=heads: _call(sdpa, q, k, v, h)),
                                   [benchmark.Case("small_head_attention",
-                                                  lambda q=q, k=k, v=v, h=heads: _call_fn(small_head_attention, q, k, v, h),
+                                                  lambda q=q, k=k, v=v, h=heads: _call(small_head_attention, q, k, v, h),
                                                   close)],
                                   csv_path=csv_path, interleave=True, warmup=2, min_iters=iters, min_time_s=0.0)
     return rows
-
-
-def _call_fn(fn, *args):
-    with torch.inference_mode():
-        return fn(*args)
 
 
 def main(argv=None) -> None:

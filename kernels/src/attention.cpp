@@ -85,10 +85,11 @@ void gather_kv(const Problem& p, int64_t b, int64_t h, int64_t lkp, Scratch& w) 
     for (int d = 0; d < D; ++d) w.kt[d * lkp + j] = 0.0f;
 }
 
-// -- portable copy --------------------------------------------------------------------
-template <typename T, int D>
-void attention_portable(const Problem& p) {
-  const int64_t pairs = p.B * p.H, lkp = p.Lk;
+// One task per (batch, head): its keys and values gathered once, then each query row
+// computed by `row(w, qv, out)` (qv the scaled query, out the D outputs) and stored.
+template <typename T, int D, typename Row>
+void for_each_row(const Problem& p, int64_t lkp, const Row& row) {
+  const int64_t pairs = p.B * p.H;
 #pragma omp parallel
   {
     Scratch w(D, lkp);
@@ -98,26 +99,36 @@ void attention_portable(const Problem& p) {
       gather_kv<T, D>(p, b, h, lkp, w);
       for (int64_t i = 0; i < p.Lq; ++i) {
         const T* qi = static_cast<const T*>(p.q) + b * p.qs[0] + i * p.qs[1] + h * p.qs[2];
-        float qv[D];
+        alignas(32) float qv[D], out[D];
         for (int d = 0; d < D; ++d) qv[d] = load(qi + d) * p.scale;
-        float m = -INFINITY;
-        for (int64_t j = 0; j < p.Lk; ++j) {
-          float s = 0.0f;
-          for (int d = 0; d < D; ++d) s += qv[d] * w.kt[d * lkp + j];
-          w.s[j] = s;
-          m = s > m ? s : m;
-        }
-        float sum = 0.0f, acc[D] = {};
-        for (int64_t j = 0; j < p.Lk; ++j) {
-          const float e = std::exp(w.s[j] - m);
-          sum += e;
-          for (int d = 0; d < D; ++d) acc[d] += e * w.vr[j * D + d];
-        }
+        row(w, qv, out);
         T* oi = static_cast<T*>(p.o) + b * p.os[0] + i * p.os[1] + h * p.os[2];
-        for (int d = 0; d < D; ++d) store(oi + d, acc[d] / sum);
+        for (int d = 0; d < D; ++d) store(oi + d, out[d]);
       }
     }
   }
+}
+
+// -- portable copy --------------------------------------------------------------------
+template <typename T, int D>
+void attention_portable(const Problem& p) {
+  const int64_t lk = p.Lk;
+  for_each_row<T, D>(p, lk, [lk](const Scratch& w, const float* qv, float* out) {
+    float m = -INFINITY;
+    for (int64_t j = 0; j < lk; ++j) {
+      float s = 0.0f;
+      for (int d = 0; d < D; ++d) s += qv[d] * w.kt[d * lk + j];
+      w.s[j] = s;
+      m = s > m ? s : m;
+    }
+    float sum = 0.0f, acc[D] = {};
+    for (int64_t j = 0; j < lk; ++j) {
+      const float e = std::exp(w.s[j] - m);
+      sum += e;
+      for (int d = 0; d < D; ++d) acc[d] += e * w.vr[j * D + d];
+    }
+    for (int d = 0; d < D; ++d) out[d] = acc[d] / sum;
+  });
 }
 
 // -- AVX-512 copy ---------------------------------------------------------------------
@@ -127,6 +138,7 @@ void attention_portable(const Problem& p) {
 // GCC 12 warns inside its own avx512fintrin.h (_mm512_undefined_* feeding reductions).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 // exp(x) for x <= 0 (scores minus their row maximum): x = n ln2 + r with |r| <= ln2/2,
 // exp(r) by Cephes' degree-6 expf polynomial, 2^n built in the exponent bits.
@@ -149,66 +161,51 @@ inline __m512 exp_nonpositive(__m512 x) {
 
 template <typename T, int D>
 void attention_avx512(const Problem& p) {
-  const int64_t pairs = p.B * p.H, nb = (p.Lk + 15) / 16, lkp = nb * 16;
-  const __mmask16 tail = p.Lk % 16 ? __mmask16((1u << (p.Lk % 16)) - 1) : __mmask16(0xffff);
-#pragma omp parallel
-  {
-    Scratch w(D, lkp);
-#pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < pairs; ++bh) {
-      const int64_t b = bh / p.H, h = bh % p.H;
-      gather_kv<T, D>(p, b, h, lkp, w);
-      for (int64_t i = 0; i < p.Lq; ++i) {
-        const T* qi = static_cast<const T*>(p.q) + b * p.qs[0] + i * p.qs[1] + h * p.qs[2];
-        float qv[D];
-        for (int d = 0; d < D; ++d) qv[d] = load(qi + d) * p.scale;
-        // scores for 16 keys at a time, and their running maximum
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int64_t jb = 0; jb < nb; ++jb) {
-          __m512 s = _mm512_mul_ps(_mm512_set1_ps(qv[0]), _mm512_load_ps(w.kt + jb * 16));
-          for (int d = 1; d < D; ++d)
-            s = _mm512_fmadd_ps(_mm512_set1_ps(qv[d]), _mm512_load_ps(w.kt + d * lkp + jb * 16), s);
-          if (jb == nb - 1) s = _mm512_mask_blend_ps(tail, _mm512_set1_ps(-INFINITY), s);
-          _mm512_store_ps(w.s + jb * 16, s);
-          mx = _mm512_max_ps(mx, s);
-        }
-        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t jb = 0; jb < nb; ++jb) {
-          __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(w.s + jb * 16), m));
-          if (jb == nb - 1) e = _mm512_maskz_mov_ps(tail, e);
-          _mm512_store_ps(w.s + jb * 16, e);
-          sum = _mm512_add_ps(sum, e);
-        }
-        const float inv = 1.0f / _mm512_reduce_add_ps(sum);
-        // weighted sum of value rows, eight independent accumulators (FMA latency)
-        constexpr int C = D / 8;  // 256-bit chunks per row
-        __m256 acc[8][C];
-        for (int u = 0; u < 8; ++u)
-          for (int c = 0; c < C; ++c) acc[u][c] = _mm256_setzero_ps();
-        int64_t j = 0;
-        for (; j + 8 <= p.Lk; j += 8)
-          for (int u = 0; u < 8; ++u) {
-            const __m256 e = _mm256_set1_ps(w.s[j + u]);
-            for (int c = 0; c < C; ++c)
-              acc[u][c] = _mm256_fmadd_ps(e, _mm256_loadu_ps(w.vr + (j + u) * D + c * 8), acc[u][c]);
-          }
-        for (; j < p.Lk; ++j) {
-          const __m256 e = _mm256_set1_ps(w.s[j]);
-          for (int c = 0; c < C; ++c) acc[0][c] = _mm256_fmadd_ps(e, _mm256_loadu_ps(w.vr + j * D + c * 8), acc[0][c]);
-        }
-        alignas(32) float out[D];
-        for (int c = 0; c < C; ++c) {
-          const __m256 t = _mm256_add_ps(
-              _mm256_add_ps(_mm256_add_ps(acc[0][c], acc[1][c]), _mm256_add_ps(acc[2][c], acc[3][c])),
-              _mm256_add_ps(_mm256_add_ps(acc[4][c], acc[5][c]), _mm256_add_ps(acc[6][c], acc[7][c])));
-          _mm256_store_ps(out + c * 8, _mm256_mul_ps(t, _mm256_set1_ps(inv)));
-        }
-        T* oi = static_cast<T*>(p.o) + b * p.os[0] + i * p.os[1] + h * p.os[2];
-        for (int d = 0; d < D; ++d) store(oi + d, out[d]);
-      }
+  const int64_t lk = p.Lk, nb = (lk + 15) / 16, lkp = nb * 16;
+  const __mmask16 tail = lk % 16 ? __mmask16((1u << (lk % 16)) - 1) : __mmask16(0xffff);
+  for_each_row<T, D>(p, lkp, [=](const Scratch& w, const float* qv, float* out) {
+    // scores for 16 keys at a time, and their running maximum
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t jb = 0; jb < nb; ++jb) {
+      __m512 s = _mm512_mul_ps(_mm512_set1_ps(qv[0]), _mm512_load_ps(w.kt + jb * 16));
+      for (int d = 1; d < D; ++d)
+        s = _mm512_fmadd_ps(_mm512_set1_ps(qv[d]), _mm512_load_ps(w.kt + d * lkp + jb * 16), s);
+      if (jb == nb - 1) s = _mm512_mask_blend_ps(tail, _mm512_set1_ps(-INFINITY), s);
+      _mm512_store_ps(w.s + jb * 16, s);
+      mx = _mm512_max_ps(mx, s);
     }
-  }
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t jb = 0; jb < nb; ++jb) {
+      __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(w.s + jb * 16), m));
+      if (jb == nb - 1) e = _mm512_maskz_mov_ps(tail, e);
+      _mm512_store_ps(w.s + jb * 16, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    // weighted sum of value rows, eight independent accumulators (FMA latency)
+    constexpr int C = D / 8;  // 256-bit chunks per row
+    __m256 acc[8][C];
+    for (int u = 0; u < 8; ++u)
+      for (int c = 0; c < C; ++c) acc[u][c] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= lk; j += 8)
+      for (int u = 0; u < 8; ++u) {
+        const __m256 e = _mm256_set1_ps(w.s[j + u]);
+        for (int c = 0; c < C; ++c)
+          acc[u][c] = _mm256_fmadd_ps(e, _mm256_loadu_ps(w.vr + (j + u) * D + c * 8), acc[u][c]);
+      }
+    for (; j < lk; ++j) {
+      const __m256 e = _mm256_set1_ps(w.s[j]);
+      for (int c = 0; c < C; ++c) acc[0][c] = _mm256_fmadd_ps(e, _mm256_loadu_ps(w.vr + j * D + c * 8), acc[0][c]);
+    }
+    for (int c = 0; c < C; ++c) {
+      const __m256 t = _mm256_add_ps(
+          _mm256_add_ps(_mm256_add_ps(acc[0][c], acc[1][c]), _mm256_add_ps(acc[2][c], acc[3][c])),
+          _mm256_add_ps(_mm256_add_ps(acc[4][c], acc[5][c]), _mm256_add_ps(acc[6][c], acc[7][c])));
+      _mm256_store_ps(out + c * 8, _mm256_mul_ps(t, inv));
+    }
+  });
 }
 
 #pragma GCC diagnostic pop

@@ -319,7 +319,11 @@ def _attend_heads(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     """(B, heads, L, hd) queries, keys and values -> the layer's output: :func:`attend`, heads
     merged, the output projection and dropout, diffusers' output rescale."""
     b, heads, _, hd = q.shape
-    out = attend(q, k, v).transpose(1, 2).reshape(b, -1, heads * hd)
+    return _project_out(attn, attend(q, k, v).transpose(1, 2).reshape(b, -1, heads * hd))
+
+
+def _project_out(attn, out: torch.Tensor) -> torch.Tensor:
+    """An ``Attention`` layer's output projection and dropout, then diffusers' output rescale."""
     return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
 
@@ -426,8 +430,8 @@ class NativeSmallHeadAttention:
                 or torch.is_grad_enabled()):
             return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        out = self._attend(attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx), attn.heads, attn.scale)
-        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+        return _project_out(attn, self._attend(attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx),
+                                               attn.heads, attn.scale))
 
 
 def use_native_attention(module: nn.Module) -> int:
