@@ -60,8 +60,7 @@ def _heads_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("vpure::small_head_attention", mutates_args=())
-def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float | None,
-        portable: bool) -> torch.Tensor:
+def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float, portable: bool) -> torch.Tensor:
     mod = native()
     if mod is None:
         raise KernelUnavailable("small_head_attention: the native extension is not built")
@@ -75,7 +74,7 @@ def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: fl
 
     mod.small_head_attention(q.dtype == torch.bfloat16, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                              b, heads, lq, k.shape[1], d, strides(q), strides(k), strides(v), strides(out),
-                             d ** -0.5 if scale is None else float(scale), portable)
+                             float(scale), portable)
     return out
 
 
@@ -93,7 +92,11 @@ def small_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     Arithmetic in fp32 (bf16 inputs are widened, the output rounded to bf16). No autograd.
     ``portable`` forces the scalar copy (the one CPUs without AVX-512 would run; tests).
     """
-    return _op(q, k, v, heads, scale, portable)  # the op checks its arguments (it is callable as torch.ops too)
+    # Checked here as well as in the op: a process that also imports this folder as a bare
+    # `kernels` package (the test suite does, after tests/test_attacks.py's full-gradient
+    # test) re-registers the op with that copy's error classes; the wrapper's stay vpure's.
+    d = _check(q, k, v, heads)
+    return _op(q, k, v, heads, d ** -0.5 if scale is None else float(scale), portable)
 
 
 def small_head_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
