@@ -266,15 +266,16 @@ def stage_chart(path: Path, results_by_config: dict[str, list]) -> Path:
     return path
 
 
-def bench_clean_route(iters: int = 20, csv_path: str | Path | None = None, weights_dir: Path | None = None):
+def bench_clean_route(iters: int = 20, csv_path: str | Path | None = None, weights_dir: Path | None = None,
+                      precisions: tuple[str, ...] | None = None):
     """The Shield's clean route against the recogniser alone, on the mini-world models: one
     isolated clip, and streams of windows of 16 every 8 frames as ``vpure run`` cuts them (the
     frame classifier's logits of the 8 overlapping frames reused, :class:`CachedFrameLogits`),
-    from a file and from a live source (:func:`_time_clean_route`)."""
+    from a file and from a live source, at each of ``precisions`` (:func:`_time_clean_route`)."""
     from .miniworld.dataset import make_clip
     from .miniworld.demo import build_shield
     from .miniworld.models import load_world
-    from .runner import CachedFrameLogits
+    from .runner import REGISTRY_NAMES
     from .shield import Shield
 
     world = load_world(weights_dir)
@@ -284,76 +285,121 @@ def bench_clean_route(iters: int = 20, csv_path: str | Path | None = None, weigh
     if clean is None:
         raise ConfigError("none of the first 8 test clips takes the clean route")
 
-    def streaming():
-        frames = CachedFrameLogits(world.frame_classifier)
-        return Shield(frames, world.recognizer, videopure=shield.videopure, comdefend=shield.comdefend,
-                      config=shield.config), frames
+    def make_shield(gate, recognizer):
+        return Shield(gate, recognizer, videopure=shield.videopure, comdefend=shield.comdefend, config=shield.config)
 
-    return _time_clean_route("mini-world, 16x64x64, clean test clip", clean, world.recognizer, shield, streaming,
+    return _time_clean_route("mini-world, 16x64x64, clean test clip", clean,
+                             (world.recognizer, REGISTRY_NAMES["recognizer"]),
+                             (world.frame_classifier, REGISTRY_NAMES["frame_classifier"]), make_shield, precisions,
                              csv_path=csv_path, warmup=3, min_iters=iters, min_time_s=1.0)
 
 
-def _time_clean_route(config: str, x: torch.Tensor, recognizer, shield, streaming, csv_path=None, **timing):
-    """The recogniser alone on ``x`` against ``shield`` on it, and against Shields from
-    ``streaming()`` (-> (Shield, its :class:`CachedFrameLogits`)) fed windows that overlap the
-    previous one by half, as ``vpure run`` cuts a stream: a file decoded faster than the
-    defence runs (each window labels its new frames), and a live source (the window's new
-    frames but the last labelled while waiting for it, untimed: ``Runner``'s gate_ahead).
-    Timed in interleaved rounds."""
+def clean_route_precisions(precisions: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The torch CPU precisions of ``precisions`` (default fp32 and bf16) that the clean-route
+    benchmarks time: bf16 only where this CPU runs it natively (else skipped, with a warning)."""
+    wanted = [p for p in (precisions or ("fp32", "bf16")) if p in ("fp32", "bf16")]
+    if "bf16" in wanted and not native_bf16():
+        log.warning("clean route in bf16 skipped: %s", EMULATED_BF16)
+        wanted.remove("bf16")
+    return tuple(wanted)
+
+
+def _time_clean_route(config: str, x: torch.Tensor, recognizer, gate, make_shield, precisions, csv_path=None,
+                      **timing):
+    """The recogniser alone on ``x`` against the Shield (``make_shield(gate, recognizer)``) on
+    it, and against Shields gating through a :class:`CachedFrameLogits` fed windows that
+    overlap the previous one by half, as ``vpure run`` cuts a stream: a file decoded faster
+    than the defence runs (each window labels its new frames), and a live source (the
+    window's new frames but the last labelled while waiting for it, untimed: ``Runner``'s
+    gate_ahead). ``recognizer`` and ``gate`` are (fp32 module, registry name). One interleaved
+    run per recogniser precision of :func:`clean_route_precisions`, the gate at that
+    precision and, in front of an fp32 recogniser, at every other one too (a gate only
+    labels frames, so a bf16 gate may well serve an fp32 recogniser); rows of all runs."""
+    from .runner import CachedFrameLogits
+
+    precisions = clean_route_precisions(precisions)
     t = x.shape[2]
-    stride, window, live = t // 2, {"k": 0}, {"k": 0}
-    stream_shield, cached = streaming()
-    live_shield, live_cached = streaming()
-
-    def alone():
-        with torch.inference_mode():
-            return recognizer(x).argmax(-1)
-
-    def gated():
-        r = shield(x)[0]
-        assert r.route == "clean", r.route
-        return torch.tensor([r.label])
-
-    def streamed():  # the next window: its first half was classified by the previous one
-        k = window["k"] = window["k"] + 1
-        cached.set_window(list(range(k * stride, k * stride + t)))
-        return torch.tensor([stream_shield(x)[0].label])
-
-    def live_arrivals():  # frames of the next window that came before its last one
-        k = live["k"] = live["k"] + 1
-        live["ids"] = list(range(k * stride, k * stride + t))
-        with torch.inference_mode():
-            live_cached.prefill(live["ids"][t - stride:t - 1], live_shield.detector.prepare(x[:, :, t - stride:t - 1]))
-
-    def live_window():
-        live_cached.set_window(live["ids"])
-        return torch.tensor([live_shield(x)[0].label])
+    stride = t // 2
 
     def parity(out, ref):
         assert torch.equal(out, ref), "labels differ"
         return "same label"
 
-    return benchmark.run("e2e-clean-route", config, benchmark.Case("recogniser alone", alone),
-                         [benchmark.Case("Shield, clean route", gated, parity),
-                          benchmark.Case(f"Shield, clean route, stream (stride {stride})", streamed, parity),
-                         benchmark.Case(f"Shield, clean route, live stream (stride {stride})", live_window, parity,
-                                        note="frames labelled as they arrive", setup=live_arrivals)],
-                         csv_path=csv_path, interleave=True, **timing)
+    def cases(gate_net, rec_net, suffix):
+        shield = make_shield(gate_net, rec_net)
+        cached, live_cached = CachedFrameLogits(gate_net), CachedFrameLogits(gate_net)
+        stream_shield, live_shield = make_shield(cached, rec_net), make_shield(live_cached, rec_net)
+        window, live = {"k": 0}, {"k": 0}
+
+        def gated():
+            r = shield(x)[0]
+            assert r.route == "clean", r.route
+            return torch.tensor([r.label])
+
+        def streamed():  # the next window: its first half was classified by the previous one
+            k = window["k"] = window["k"] + 1
+            cached.set_window(list(range(k * stride, k * stride + t)))
+            return torch.tensor([stream_shield(x)[0].label])
+
+        def live_arrivals():  # frames of the next window that came before its last one
+            k = live["k"] = live["k"] + 1
+            live["ids"] = list(range(k * stride, k * stride + t))
+            with torch.inference_mode():
+                live_cached.prefill(live["ids"][t - stride:t - 1],
+                                    live_shield.detector.prepare(x[:, :, t - stride:t - 1]))
+
+        def live_window():
+            live_cached.set_window(live["ids"])
+            return torch.tensor([live_shield(x)[0].label])
+
+        return [benchmark.Case(f"Shield, clean route{suffix}", gated, parity),
+                benchmark.Case(f"Shield, clean route, stream (stride {stride}){suffix}", streamed, parity),
+                benchmark.Case(f"Shield, clean route, live stream (stride {stride}){suffix}", live_window, parity,
+                               note="frames labelled as they arrive", setup=live_arrivals)]
+
+    rows = []
+    for rec_precision in precisions:
+        rec_net = _torch_at(*recognizer, rec_precision)
+
+        def alone():
+            with torch.inference_mode():
+                return rec_net(x).argmax(-1)
+
+        gates = [p for p in precisions if p == rec_precision or rec_precision == "fp32"]
+        runs = [cases(_torch_at(*gate, p), rec_net, "" if p == "fp32" else f", gate {p}") for p in gates]
+        name = "recogniser alone" if rec_precision == "fp32" else f"recogniser alone, {rec_precision}"
+        rows += benchmark.run("e2e-clean-route", config, benchmark.Case(name, alone), [c for r in runs for c in r],
+                              csv_path=csv_path, interleave=True, **timing)
+    return rows
+
+
+def _torch_at(module: torch.nn.Module, registry_name: str, precision: str):
+    """``module`` itself for fp32, else a copy served at ``precision`` by the torch backend
+    (as ``vpure run`` serves a component whose config names that precision)."""
+    if precision == "fp32":
+        return module
+    from . import registry
+    from .backends import as_module_call, create_backend
+    from .precision import Precision
+    from .runconfig import ComponentChoice
+
+    return as_module_call(create_backend(registry.get(registry_name), ComponentChoice(precision=Precision(precision)),
+                                         module=copy.deepcopy(module)))
 
 
 def bench_clean_route_deploy(iters: int = 5, frames: int = 32, size: int = 224, gate_size: int = 112,
-                             csv_path: str | Path | None = None):
+                             csv_path: str | Path | None = None, precisions: tuple[str, ...] | None = None):
     """The clean route at deployment scale (random weights: latency does not depend on them):
     an I3D ResNet-50 on ``frames`` x ``size`` x ``size`` alone, against the Shield gating with a
     ResNet-18 frame classifier at ``gate_size`` (DetectionConfig.frame_size), isolated, as a
     file stream of windows overlapping by half (CachedFrameLogits) and as a live stream (all
-    but each window's last frame labelled while waiting, :func:`_time_clean_route`). The thresholds are set to 1 so
-    that every clip takes the clean route, whatever the random gate says."""
+    but each window's last frame labelled while waiting, :func:`_time_clean_route`), at each
+    of ``precisions``. The thresholds are set to 1 so that every clip takes the clean route,
+    whatever the random gate says."""
     from .detect import DetectionConfig
     from .models.frame_classifier import FrameClassifier
     from .models.i3d import i3d_resnet50
     from .models.inference import prepare_frame_classifier, prepare_recognizer
-    from .runner import CachedFrameLogits
     from .shield import Shield, ShieldConfig
 
     torch.manual_seed(0)
@@ -363,13 +409,11 @@ def bench_clean_route_deploy(iters: int = 5, frames: int = 32, size: int = 224, 
     prepare_frame_classifier(gate)
     cfg = ShieldConfig(detection=DetectionConfig(gamma1=1.0, gamma2=1.0, frame_size=gate_size), dense="comdefend")
     identity = torch.nn.Identity()  # the dense route is never taken here
-    shield = Shield(gate, rec, comdefend=identity, config=cfg)
 
-    def streaming():
-        cached = CachedFrameLogits(gate)
-        return Shield(cached, rec, comdefend=identity, config=cfg), cached
+    def make_shield(gate_net, rec_net):
+        return Shield(gate_net, rec_net, comdefend=identity, config=cfg)
 
     x = torch.rand(1, 3, frames, size, size, generator=torch.Generator().manual_seed(0))
     return _time_clean_route(f"I3D-R50 {frames}x{size}x{size} + ResNet-18 gate at {gate_size}, random weights", x,
-                             rec, shield, streaming, csv_path=csv_path, warmup=1, min_iters=iters,
-                             min_time_s=0.0)
+                             (rec, "i3d_nl5_r50"), (gate, "frame_classifier"), make_shield, precisions,
+                             csv_path=csv_path, warmup=1, min_iters=iters, min_time_s=0.0)

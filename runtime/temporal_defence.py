@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from vpure.kernels import block_match, motion_compensate, quantize_residual
 
+from .backends.base import all_finite
 from .config import ConfigBase, check
 from .errors import InputError
 
@@ -77,7 +78,7 @@ def repair_clip(clip: torch.Tensor, exceptions: Sequence[int], config: TemporalD
     c, t, h, w = clip.shape
     if t == 0 or h == 0 or w == 0:
         raise InputError(f"clip is empty: shape {tuple(clip.shape)}")
-    if clip.is_floating_point() and not bool(torch.isfinite(clip).all()):
+    if clip.is_floating_point() and not all_finite(clip):
         raise InputError("clip contains NaN or Inf")
     exc = sorted(set(int(k) for k in exceptions))
     if any(k < 0 or k >= t for k in exc):

@@ -27,6 +27,7 @@ import torch
 from vpure.kernels import warp_l1_grad
 
 from . import schedule
+from .backends.base import all_finite
 from .config import ConfigBase, check
 from .errors import InputError
 
@@ -94,13 +95,13 @@ def check_latents(z0: torch.Tensor, flow: torch.Tensor | None = None) -> None:
         raise InputError(f"latents must be a (B, C, T, h, w) tensor, got {getattr(z0, 'shape', type(z0))}")
     if not z0.is_floating_point():
         raise InputError(f"latents must be floating point, got {z0.dtype}")
-    if not bool(torch.isfinite(z0).all()):
+    if not all_finite(z0):
         raise InputError("latents contain NaN or Inf")
     if flow is not None:
         b, _, t, h, w = z0.shape
         if tuple(flow.shape) != (b, t - 1, 2, h, w):
             raise InputError(f"flow must be (B, T-1, 2, h, w) = {(b, t - 1, 2, h, w)} at latent size, got {tuple(flow.shape)}")
-        if not bool(torch.isfinite(flow).all()):
+        if not all_finite(flow):
             raise InputError("flow contains NaN or Inf")
 
 
@@ -111,7 +112,7 @@ def call_eps(eps_fn: EpsFn, z: torch.Tensor, t: int) -> torch.Tensor:
     if not isinstance(eps, torch.Tensor) or eps.shape != z.shape:
         raise InputError(f"eps_fn(z, {t}) returned {tuple(getattr(eps, 'shape', ())) or type(eps).__name__}, "
                          f"expected the latent's shape {tuple(z.shape)}")
-    if not bool(torch.isfinite(eps).all()):
+    if not all_finite(eps):
         raise InputError(f"eps_fn(z, {t}) returned NaN or Inf (a broken engine or a precision overflow)")
     return eps
 

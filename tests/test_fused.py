@@ -13,6 +13,7 @@ from vpure.runtime.models.fused import ClipPlan, FramePlan, SlowFastPlan, use_fu
 from vpure.runtime.errors import InputError
 from vpure.runtime.models.i3d import I3DResNet
 from vpure.runtime.models.slowfast import SlowFast
+from vpure.runtime.precision import native_bf16
 
 from helpers import assert_close
 
@@ -160,3 +161,29 @@ def test_slowfast_plan_gives_the_eager_logits_and_keeps_the_input_check():
     fused = _check_recogniser(ref, 5, SlowFastPlan, [(1, 3, 16, 64, 64), (2, 3, 8, 40, 48)], 7, "SlowFast")
     with torch.inference_mode(), pytest.raises(InputError, match="multiple of alpha"):
         fused(torch.rand(1, 3, 6, 64, 64))
+
+
+@pytest.mark.skipif(not native_bf16(), reason="bf16 plans need oneDNN's bf16 convolutions (AVX512-BF16 or AMX)")
+@pytest.mark.parametrize("name", ["frame classifier", "I3D", "SlowFast"])
+def test_bf16_plans_err_like_eager_bf16(name):
+    """A model cast to bf16 takes its plan (batch norm folded in fp32, rounded once), and its
+    logits are as close to the fp32 model's as the eager bf16 layers' are."""
+    build, plan_type, shape = {
+        "frame classifier": (lambda: FrameClassifier(**ARCHS[1]), FramePlan, (1, 3, 8, 64, 64)),
+        "I3D": (lambda: I3DResNet(**CLIP_ARCHS[0]), ClipPlan, (1, 3, 16, 64, 64)),
+        "SlowFast": (lambda: SlowFast(num_classes=5, depths=(1, 2, 1, 1), stem_width=16), SlowFastPlan,
+                     (1, 3, 16, 64, 64)),
+    }[name]
+    ref = _trained_looking(build())
+    eager = copy.deepcopy(ref).to(torch.bfloat16)
+    fused = copy.deepcopy(ref)
+    assert use_fused_inference(fused)
+    fused = fused.to(torch.bfloat16)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        want, got_eager, got = ref(x), eager(x.bfloat16()), fused(x.bfloat16())
+    assert isinstance(fused._plan, plan_type) and got.dtype == torch.bfloat16
+    eager_err = (got_eager.float() - want).abs().max().item()
+    plan_err = (got.float() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert plan_err <= 2 * eager_err + 1e-2 * scale, (name, plan_err, eager_err, scale)

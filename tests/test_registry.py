@@ -59,6 +59,23 @@ def test_backend_input_checks():
         backend(frames=good[:, :2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_all_finite_finds_every_bad_element_and_survives_an_overflowing_sum(dtype):
+    from vpure.runtime.backends.base import all_finite
+
+    x = torch.rand(2, 3, 5, 7, 9).to(dtype).transpose(-1, -2)  # strided, as a view reaches a backend
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[1, 2, 4, 8, 6] = bad
+        assert not all_finite(y), bad
+    both = x.clone()
+    both[0, 0, 0, 0, 0], both[1, 1, 1, 1, 1] = float("inf"), float("-inf")  # a NaN sum, not an infinite one
+    assert not all_finite(both)
+    big = torch.full((4096,), torch.finfo(dtype).max, dtype=dtype)  # finite elements whose sum overflows
+    assert all_finite(big) and not all_finite(torch.cat([big, torch.tensor([float("nan")], dtype=dtype)]))
+
+
 def test_unknown_component_and_backend():
     with pytest.raises(UnknownComponent, match="no component named 'i3d_xl'"):
         registry.get("i3d_xl")

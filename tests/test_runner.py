@@ -359,8 +359,14 @@ def test_realtime_streams_hand_frames_over_at_their_presentation_times(monkeypat
 def test_clean_route_benchmark_checks_labels_and_writes_its_rows(tmp_path):
     from vpure.runtime.endtoend import bench_clean_route
 
+    from vpure.runtime.precision import native_bf16
+
     rows = bench_clean_route(iters=1, csv_path=tmp_path / "r.csv")
-    assert [r.parity for r in rows[1:]] == ["same label"] * 3
+    # one run per recogniser precision: fp32 with the gate at fp32 (and bf16), then bf16 with a bf16 gate
+    refs = ["recogniser alone (ref)"] + ["recogniser alone, bf16 (ref)"] * native_bf16()
+    assert [r.case for r in rows if r.parity == "reference"] == refs
+    assert len(rows) == 1 + 3 + (1 + 3 + 3) * native_bf16()
+    assert all(r.parity in ("reference", "same label") for r in rows)
     assert all(r.p50_ms > 0 for r in rows)
     assert len((tmp_path / "r.csv").read_text().splitlines()) == 1 + len(rows)
 
@@ -394,7 +400,8 @@ def test_interleaved_benchmark_times_every_case_per_round_and_skips_wrong_ones(t
 def test_deployment_scale_clean_route_benchmark_runs(tmp_path):
     from vpure.runtime.endtoend import bench_clean_route_deploy
 
-    rows = bench_clean_route_deploy(iters=1, frames=8, size=64, gate_size=32, csv_path=tmp_path / "r.csv")
+    rows = bench_clean_route_deploy(iters=1, frames=8, size=64, gate_size=32, csv_path=tmp_path / "r.csv",
+                                    precisions=("fp32", "fp16"))  # fp16 is not a CPU precision: left out
     assert [r.parity for r in rows[1:]] == ["same label"] * 3
 
 
@@ -414,6 +421,10 @@ def test_emulated_bf16_is_skipped_by_the_benchmark_and_warned_by_the_torch_backe
         cases = endtoend.cases_for("tiny", m, ["torch"], ["fp32", "bf16"], "cpu", None)
     assert [c[0] for c in cases] == ["torch fp32"]
     assert "torch bf16 skipped" in caplog.text and "no native bf16" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vpure"):
+        assert endtoend.clean_route_precisions(("fp32", "bf16")) == ("fp32",)
+    assert "clean route in bf16 skipped" in caplog.text
     caplog.clear()
     spec = registry.get("frame_classifier")
     with caplog.at_level(logging.WARNING, logger="vpure"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
@@ -20,6 +21,16 @@ class Backend(Protocol):
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every element of a floating-point tensor is finite, in one reduction: a finite
+    sum (accumulated in fp32, or fp64 for fp64) means no NaN or Inf is among the elements,
+    since either would make the sum NaN or infinite. Only a non-finite sum (a bad element,
+    or finite elements whose sum overflows) pays for the element-wise check, which costs
+    ~25x the sum on CPU (``torch.isfinite(x).all()`` writes a boolean per element)."""
+    total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return math.isfinite(float(total)) or bool(torch.isfinite(x).all())
+
+
 def check_inputs(spec: ComponentSpec, inputs: Mapping[str, Any], *, check_finite: bool = True) -> None:
     """Names, ranks, fixed sizes, dtypes and (for float inputs) finiteness."""
     missing = [n for n in spec.input_names if n not in inputs]
@@ -34,7 +45,7 @@ def check_inputs(spec: ComponentSpec, inputs: Mapping[str, Any], *, check_finite
         if not isinstance(x, torch.Tensor):
             raise InputError(f"component {spec.name!r}: input {t.name!r} must be a torch.Tensor, got {type(x).__name__}")
         t.check(x)
-        if check_finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        if check_finite and x.is_floating_point() and not all_finite(x):
             raise InputError(f"component {spec.name!r}: input {t.name!r} contains NaN or Inf")
 
 

@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clean-route", action="store_true",
                    help="also time the Shield's clean route against the recogniser alone, for an isolated "
                         "clip, a file stream and a live stream (mini-world models, and I3D-R50 with a "
-                        "ResNet-18 gate at deployment scale)")
+                        "ResNet-18 gate at deployment scale), at --precisions' fp32 and bf16 (a bf16 gate also "
+                        "in front of the fp32 recogniser)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as e:
             skipped.append(f"{name}: {e}")
     if args.clean_route:
-        bench_clean_route(csv_path=csv)
-        bench_clean_route_deploy(csv_path=csv)
+        precisions = tuple(args.precisions.split(","))  # the torch CPU ones: fp32, and bf16 where native
+        bench_clean_route(csv_path=csv, precisions=precisions)
+        bench_clean_route_deploy(csv_path=csv, precisions=precisions)
     if results:
         print(f"\nstage chart: {stage_chart(args.png, results).resolve()}")
     for line in skipped:

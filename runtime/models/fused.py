@@ -13,9 +13,11 @@ reordered into oneDNN's blocked layout once per input shape, instead of on every
 :class:`ClipPlan` for an :class:`~vpure.runtime.models.i3d.I3DResNet` (3-D, basic or
 bottleneck blocks; non-local blocks run eagerly), :class:`SlowFastPlan` for a
 :class:`~vpure.runtime.models.slowfast.SlowFast`. After :func:`use_fused_inference` the
-model's ``forward`` takes its plan for fp32 CPU calls without autograd in eval mode, and
-its own eager layers for anything else (training, gradients for the adaptive attacks,
-autocast, CUDA, tracing or ONNX export). The plan is not part of the module's state:
+model's ``forward`` takes its plan for fp32 or bf16 CPU calls (input and weights of one dtype)
+without autograd in eval mode, and its own eager layers for anything else (training,
+gradients for the adaptive attacks, autocast, CUDA, tracing or ONNX export). A bf16 plan
+folds the batch norm in fp32 and rounds the folded weight to bf16 once, so its error is
+that of one bf16 convolution per layer (AMX runs them where the CPU has it). The plan is not part of the module's state:
 parameters and state dict are unchanged, copies and pickles leave it behind, and a plan
 whose source weights were modified in place (``load_state_dict``, an optimiser step,
 ``.to()``) is rebuilt on the next call; a parameter *replaced* by a new object needs
@@ -24,13 +26,24 @@ whose source weights were modified in place (``load_state_dict``, an optimiser s
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
 from torch import nn
 
+from ..precision import native_bf16
 from .conv import onednn_call_allowed
 from .layout import frames_to_batch
+
+
+PLAN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def _bf16_convolutions() -> bool:
+    """oneDNN's bf16 convolutions exist on this CPU (PyTorch refuses them elsewhere)."""
+    return native_bf16()
 
 
 def _mkldnn_ops_available() -> bool:
@@ -40,17 +53,19 @@ def _mkldnn_ops_available() -> bool:
 
 
 def _fold(conv: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``bn(conv(x)) == conv'(x)`` in eval mode: the weight scaled per output channel, a bias."""
-    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    weight = conv.weight.detach() * scale.view(-1, *(1,) * (conv.weight.ndim - 1))
-    bias = bn.bias.detach() - bn.running_mean * scale
+    """``bn(conv(x)) == conv'(x)`` in eval mode: the weight scaled per output channel, a bias;
+    computed in fp32 and returned in the convolution's dtype."""
+    dtype = conv.weight.dtype
+    scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
+    weight = conv.weight.detach().float() * scale.view(-1, *(1,) * (conv.weight.ndim - 1))
+    bias = bn.bias.detach().float() - bn.running_mean.float() * scale
     if conv.bias is not None:
-        bias = bias + conv.bias.detach() * scale
-    return weight.contiguous(), bias.contiguous()
+        bias = bias + conv.bias.detach().float() * scale
+    return weight.to(dtype).contiguous(), bias.to(dtype).contiguous()
 
 
 class FusedConv:
-    """``post(bn(conv(x)))`` for fp32 CPU inputs of a ``Conv2d`` or ``Conv3d`` as one oneDNN
+    """``post(bn(conv(x)))`` for fp32 or bf16 CPU inputs of a ``Conv2d`` or ``Conv3d`` as one oneDNN
     convolution; ``post`` is ``"relu"`` or ``"none"``, or, when called with ``residual``,
     ``relu(. + residual)``.
 
@@ -250,8 +265,9 @@ def plan_applies(model: nn.Module, frames: torch.Tensor) -> bool:
     """Whether a call of ``model`` on ``frames`` may take the fused plan."""
     weight = next(model.parameters())
     return (not model.training and not torch.is_grad_enabled() and frames.device.type == "cpu"
-            and frames.dtype == torch.float32 and frames.ndim == 5 and weight.dtype == torch.float32
-            and weight.device.type == "cpu" and onednn_call_allowed())
+            and frames.dtype in PLAN_DTYPES and frames.ndim == 5 and weight.dtype == frames.dtype
+            and weight.device.type == "cpu" and onednn_call_allowed()
+            and (frames.dtype == torch.float32 or _bf16_convolutions()))
 
 
 def use_fused_inference(model: nn.Module) -> bool:
