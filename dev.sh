@@ -2,7 +2,10 @@
 # Project entry point on a fresh machine. Creates (or reuses) the virtual environment
 # .venv, installs vpure editable with its test extras, then:
 #   ./dev.sh main [ARGS]   the main job: `vpure demo` on the shipped mini-world models
-#   ./dev.sh test [ARGS]   the test suite (pytest ARGS)
+#   ./dev.sh test [ARGS]   the test suite (pytest ARGS); python -P keeps the checkout's root,
+#                          which is the vpure package, off sys.path: there its folders would
+#                          also import as bare top-level names (transformers probes for a
+#                          package named `kernels` and would import vpure's a second time)
 #   ./dev.sh setup         only the environment
 # torch is pinned to exactly 2.13.0: on machines that serve a local CPU wheel (pip
 # find-links) that is what pip takes. Elsewhere set VPURE_TORCH_INDEX to a CPU wheel index
@@ -39,6 +42,6 @@ cmd=${1:-main}
 case "$cmd" in
   setup) setup ;;
   main) setup; exec "$VENV/bin/vpure" demo "$@" ;;
-  test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  test) setup; exec "$VENV/bin/python" -P -m pytest -q "$@" ;;
   *) echo "usage: ./dev.sh [main|test|setup] [ARGS]" >&2; exit 2 ;;
 esac

@@ -92,9 +92,10 @@ def small_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     Arithmetic in fp32 (bf16 inputs are widened, the output rounded to bf16). No autograd.
     ``portable`` forces the scalar copy (the one CPUs without AVX-512 would run; tests).
     """
-    # Checked here as well as in the op: a process that also imports this folder as a bare
-    # `kernels` package (the test suite does, after tests/test_attacks.py's full-gradient
-    # test) re-registers the op with that copy's error classes; the wrapper's stay vpure's.
+    # Checked here as well as in the op: a process whose sys.path holds the checkout's root
+    # (`python -m ...` run there) may also import this folder as a bare `kernels` package
+    # (transformers imports any `kernels` it finds, looking for Hugging Face's), which
+    # re-registers the op with that copy's error classes; the wrapper's stay vpure's.
     d = _check(q, k, v, heads)
     return _op(q, k, v, heads, d ** -0.5 if scale is None else float(scale), portable)
 
