@@ -110,3 +110,37 @@ def test_the_processor_gives_diffusers_outputs_and_steps_aside_for_autograd():
     out.square().sum().backward()
     assert zg.grad is not None and torch.isfinite(zg.grad).all()
     torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not native_attention_available(), reason="this CPU has no AVX-512")
+def test_the_eager_inference_processors_use_the_kernel_and_step_aside_for_autograd():
+    """optimise_for_inference's processors (self-attention, the baked prompt's cross-attention)
+    call the kernel for inference calls, with the outputs of their PyTorch path, and keep
+    that path under autograd."""
+    import copy
+
+    from vpure.runtime import presets
+    from vpure.runtime.models.diffusion import ConstantContextAttention, LeanSelfAttention, optimise_for_inference
+
+    base = presets.build("tiny").unet
+    lean, fast = copy.deepcopy(base), copy.deepcopy(base)
+    optimise_for_inference(lean, native_attention=False)
+    optimise_for_inference(fast, native_attention=True)
+    calls = {LeanSelfAttention: 0, ConstantContextAttention: 0}
+    for m in fast.modules():
+        proc = getattr(m, "processor", None)
+        if isinstance(proc, (LeanSelfAttention, ConstantContextAttention)):
+            def counted(*args, _kernel=proc._native, _kind=type(proc), **kwargs):
+                calls[_kind] += 1
+                return _kernel(*args, **kwargs)
+            proc._native = counted
+    z = torch.randn(2, 4, 8, 8, 8, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([500, 20])
+    with torch.inference_mode():
+        want, got = lean(z, t), fast(z, t)
+    assert calls[LeanSelfAttention] > 0 and calls[ConstantContextAttention] > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    before = dict(calls)
+    zg = z.clone().requires_grad_(True)
+    fast(zg, t).square().sum().backward()  # gradients wanted for the latents: PyTorch's path
+    assert calls == before and zg.grad is not None and torch.isfinite(zg.grad).all()

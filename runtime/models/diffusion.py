@@ -327,16 +327,36 @@ def _project_out(attn, out: torch.Tensor) -> torch.Tensor:
     return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
 
+def _native_kernel():
+    """:func:`vpure.kernels.attention.small_head_attention` where its AVX-512 copy runs on
+    this CPU, else None (PyTorch's kernels stay)."""
+    from vpure.kernels.attention import native_attention_available, small_head_attention
+
+    return small_head_attention if native_attention_available() else None
+
+
+def _native_applies(attn, q: torch.Tensor) -> bool:
+    """Whether an inference call of ``attn`` with projected queries ``q`` (B, L, heads*D) may
+    take the native small-head kernel: CPU, fp32 or bf16, D of 8, 16 or 32, no autograd."""
+    from vpure.kernels.attention import HEAD_SIZES
+
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
+            and q.shape[-1] // attn.heads in HEAD_SIZES and q.shape[-1] % attn.heads == 0)
+
+
 class LeanSelfAttention:
     """Attention processor for a self-attention layer on the torch inference path: diffusers'
-    ``AttnProcessor2_0`` arithmetic with :func:`attend` (short key sequences, i.e. UNet3D's
-    temporal attention, as fp32 matmuls on CPU). Anything it does not cover (masks, norms,
-    4-D inputs, a context, residual connections) goes to diffusers' own processor."""
+    ``AttnProcessor2_0`` arithmetic with the native small-head kernel for inference calls
+    where it runs (``native``, :class:`NativeSmallHeadAttention`'s kernel), else
+    :func:`attend` (short key sequences, i.e. UNet3D's temporal attention, as fp32 matmuls
+    on CPU). Anything it does not cover (masks, norms, 4-D inputs, a context, residual
+    connections) goes to diffusers' own processor."""
 
-    def __init__(self):
+    def __init__(self, native: bool = False):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         self._fallback = AttnProcessor2_0()
+        self._native = _native_kernel() if native else None
         self.hits = 0
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
@@ -346,6 +366,8 @@ class LeanSelfAttention:
         self.hits += 1
         b = hidden_states.shape[0]
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if self._native is not None and _native_applies(attn, q):
+            return _project_out(attn, self._native(q, k, v, attn.heads, attn.scale))
         hd = k.shape[-1] // attn.heads
         q, k, v = (t.view(b, -1, attn.heads, hd).transpose(1, 2) for t in (q, k, v))
         return _attend_heads(attn, q, k, v)
@@ -364,13 +386,14 @@ class ConstantContextAttention:
     processor. Gradients with respect to the hidden states (the latents) flow as usual.
     """
 
-    def __init__(self, prompt: Callable[[], torch.Tensor]):
+    def __init__(self, prompt: Callable[[], torch.Tensor], native: bool = False):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.prompt = prompt
         self._fallback = AttnProcessor2_0()  # diffusers' own processor, for what this one does not cover
+        self._native = _native_kernel() if native else None  # as LeanSelfAttention's
         self._key: tuple | None = None
-        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None  # (1, L, heads*D) each
         self.hits = self.projections = 0
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
@@ -390,18 +413,18 @@ class ConstantContextAttention:
                 c = ctx.to(dtype)
                 if attn.norm_cross:
                     c = attn.norm_encoder_hidden_states(c)
-                k, v = attn.to_k(c), attn.to_v(c)
-                hd = k.shape[-1] // attn.heads
-                self._kv = (k.view(1, -1, attn.heads, hd).transpose(1, 2).clone(),
-                            v.view(1, -1, attn.heads, hd).transpose(1, 2).clone())
+                self._kv = (attn.to_k(c).contiguous(), attn.to_v(c).contiguous())
             self._key = key
             self.projections += 1
         self.hits += 1
         b = hidden_states.shape[0]
-        k, v = (t.expand(b, -1, -1, -1) for t in self._kv)
-        hd = k.shape[-1]
-        q = attn.to_q(hidden_states).view(b, -1, attn.heads, hd).transpose(1, 2)
-        return _attend_heads(attn, q, k, v)
+        q = attn.to_q(hidden_states)
+        if self._native is not None and _native_applies(attn, q):  # the batch broadcast as a 0 stride
+            return _project_out(attn, self._native(q, *(t.expand(b, -1, -1) for t in self._kv), attn.heads,
+                                                   attn.scale))
+        hd = q.shape[-1] // attn.heads
+        k, v = (t.view(1, -1, attn.heads, hd).transpose(1, 2).expand(b, -1, -1, -1) for t in self._kv)
+        return _attend_heads(attn, q.view(b, -1, attn.heads, hd).transpose(1, 2), k, v)
 
 
 class NativeSmallHeadAttention:
@@ -454,11 +477,12 @@ def use_native_attention(module: nn.Module) -> int:
     return n
 
 
-def optimise_for_inference(eps_unet: "EpsUNet") -> dict[str, int]:
+def optimise_for_inference(eps_unet: "EpsUNet", native_attention: bool = True) -> dict[str, int]:
     """The torch inference path's rewrites of an :class:`EpsUNet`, in place: temporal
     convolutions as 2-D ones (:func:`fold_temporal_convs`), the baked prompt's keys and
-    values projected once (:class:`ConstantContextAttention`), short-key attention as
-    fp32 matmuls on CPU (:func:`attend`, :class:`LeanSelfAttention`) and the up blocks'
+    values projected once (:class:`ConstantContextAttention`), attention by the native
+    small-head kernel where it runs and ``native_attention`` (inference calls), else short-key
+    attention as fp32 matmuls on CPU (:func:`attend`, :class:`LeanSelfAttention`) and the up blocks'
     upsampling as sub-pixel convolutions (:func:`use_subpixel_upsampling`). The parameters are frozen
     (``requires_grad_(False)``): the inference path differentiates with respect to latents
     only. Returns what was rewritten. Exporters and the released-code reference keep
@@ -470,10 +494,10 @@ def optimise_for_inference(eps_unet: "EpsUNet") -> dict[str, int]:
     n_attn = n_self = 0
     for m in eps_unet.unet.modules():
         if isinstance(m, Attention) and m.is_cross_attention:
-            m.set_processor(ConstantContextAttention(lambda e=eps_unet: e.prompt_embedding))
+            m.set_processor(ConstantContextAttention(lambda e=eps_unet: e.prompt_embedding, native_attention))
             n_attn += 1
         elif isinstance(m, Attention):
-            m.set_processor(LeanSelfAttention())
+            m.set_processor(LeanSelfAttention(native_attention))
             n_self += 1
     n_up = use_subpixel_upsampling(eps_unet)
     return {"temporal_convs": n_conv, "cross_attention": n_attn, "self_attention": n_self, "upsamplers": n_up}
