@@ -335,13 +335,15 @@ def _native_kernel():
     return small_head_attention if native_attention_available() else None
 
 
-def _native_applies(attn, q: torch.Tensor) -> bool:
-    """Whether an inference call of ``attn`` with projected queries ``q`` (B, L, heads*D) may
-    take the native small-head kernel: CPU, fp32 or bf16, D of 8, 16 or 32, no autograd."""
+def _native_applies(attn, hidden_states: torch.Tensor) -> bool:
+    """Whether an inference call of ``attn`` on ``hidden_states`` may take the native
+    small-head kernel: CPU, fp32 or bf16, no autograd, heads of 8, 16 or 32 channels, keys
+    and values as wide as the queries."""
     from vpure.kernels.attention import HEAD_SIZES
 
-    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
-            and q.shape[-1] // attn.heads in HEAD_SIZES and q.shape[-1] % attn.heads == 0)
+    return (hidden_states.device.type == "cpu" and hidden_states.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_grad_enabled() and attn.inner_dim // attn.heads in HEAD_SIZES
+            and attn.inner_dim % attn.heads == 0 and attn.inner_kv_dim == attn.inner_dim)
 
 
 class LeanSelfAttention:
@@ -366,7 +368,7 @@ class LeanSelfAttention:
         self.hits += 1
         b = hidden_states.shape[0]
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        if self._native is not None and _native_applies(attn, q):
+        if self._native is not None and _native_applies(attn, hidden_states):
             return _project_out(attn, self._native(q, k, v, attn.heads, attn.scale))
         hd = k.shape[-1] // attn.heads
         q, k, v = (t.view(b, -1, attn.heads, hd).transpose(1, 2) for t in (q, k, v))
@@ -419,7 +421,7 @@ class ConstantContextAttention:
         self.hits += 1
         b = hidden_states.shape[0]
         q = attn.to_q(hidden_states)
-        if self._native is not None and _native_applies(attn, q):  # the batch broadcast as a 0 stride
+        if self._native is not None and _native_applies(attn, hidden_states):  # batch broadcast: a 0 stride
             return _project_out(attn, self._native(q, *(t.expand(b, -1, -1) for t in self._kv), attn.heads,
                                                    attn.scale))
         hd = q.shape[-1] // attn.heads
@@ -439,18 +441,15 @@ class NativeSmallHeadAttention:
     def __init__(self):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        from vpure.kernels.attention import HEAD_SIZES, small_head_attention
+        from vpure.kernels.attention import small_head_attention
 
         self._fallback = AttnProcessor2_0()
-        self._attend, self._head_sizes = small_head_attention, HEAD_SIZES
+        self._attend = small_head_attention
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        hd = attn.inner_dim // attn.heads
-        if (not _plain(attn, hidden_states, attention_mask) or attn.norm_cross or hd not in self._head_sizes
-                or attn.inner_kv_dim != attn.inner_dim
-                or hidden_states.device.type != "cpu" or hidden_states.dtype not in (torch.float32, torch.bfloat16)
-                or torch.is_grad_enabled()):
+        if (not _plain(attn, hidden_states, attention_mask) or attn.norm_cross
+                or not _native_applies(attn, hidden_states)):
             return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         return _project_out(attn, self._attend(attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx),

@@ -13,15 +13,16 @@ reordered into oneDNN's blocked layout once per input shape, instead of on every
 :class:`ClipPlan` for an :class:`~vpure.runtime.models.i3d.I3DResNet` (3-D, basic or
 bottleneck blocks; non-local blocks run eagerly), :class:`SlowFastPlan` for a
 :class:`~vpure.runtime.models.slowfast.SlowFast`. After :func:`use_fused_inference` the
-model's ``forward`` takes its plan for fp32 or bf16 CPU calls (input and weights of one dtype)
-without autograd in eval mode, and its own eager layers for anything else (training,
-gradients for the adaptive attacks, autocast, CUDA, tracing or ONNX export). A bf16 plan
-folds the batch norm in fp32 and rounds the folded weight to bf16 once, so its error is
-that of one bf16 convolution per layer (AMX runs them where the CPU has it). The plan is not part of the module's state:
-parameters and state dict are unchanged, copies and pickles leave it behind, and a plan
-whose source weights were modified in place (``load_state_dict``, an optimiser step,
-``.to()``) is rebuilt on the next call; a parameter *replaced* by a new object needs
-:func:`use_fused_inference` again. ``python -m benchmarks.bench_models --fused`` measures it.
+model's ``forward`` takes its plan for fp32 or bf16 CPU calls (input and weights of one
+dtype) without autograd in eval mode, and its own eager layers for anything else
+(training, gradients for the adaptive attacks, autocast, CUDA, tracing or ONNX export). A
+bf16 plan folds the batch norm in fp32 and rounds the folded weight to bf16 once, so its
+error is that of one bf16 convolution per layer (AMX runs them where the CPU has it). The
+plan is not part of the module's state: parameters and state dict are unchanged, copies
+and pickles leave it behind, and a plan whose source weights were modified in place
+(``load_state_dict``, an optimiser step, ``.to()``) is rebuilt on the next call; a
+parameter *replaced* by a new object needs :func:`use_fused_inference` again. ``python -m
+benchmarks.bench_models --fused`` measures it.
 """
 
 from __future__ import annotations
