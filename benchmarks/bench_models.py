@@ -224,12 +224,12 @@ def bench_native_attention(csv_path=None, iters: int = 20) -> list:
     """PyTorch's ``scaled_dot_product_attention`` (per-head transposes in and out, as diffusers'
     processor calls it) against :func:`vpure.kernels.attention.small_head_attention` on the
     projections' layout, at each attention shape of the `small` UNet, fp32 and bf16; interleaved
-    rounds, outputs compared. The native kernel is used by compiled components only where its
-    AVX-512 copy runs, so elsewhere this reports the portable copy and says so."""
+    rounds, outputs compared. Inference (compiled or eager) uses the native kernel only where
+    its AVX-512 copy runs, so elsewhere this reports the portable copy and says so."""
     from vpure.kernels.attention import native_attention_available, small_head_attention
 
     if not native_attention_available():
-        print("native attention: no AVX-512 on this CPU: timing the portable copy, which compiled components do not use")
+        print("native attention: no AVX-512 on this CPU: timing the portable copy, which inference does not use")
 
     def sdpa(q, k, v, heads):
         b, lq, c = q.shape

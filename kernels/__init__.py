@@ -1,5 +1,5 @@
 """vpure.kernels: the hot loops (warp-L1 loss/gradient, block matching, integer DCT, and
-small-head attention for compiled CPU inference, ``attention.py``).
+small-head attention for CPU inference, ``attention.py``).
 
 Depends on torch (and triton, imported lazily) only. Each op module follows one order:
 ``<op>_ref`` (float64 oracle), Triton launcher (its ``@triton.jit`` kernels live in

@@ -358,6 +358,7 @@ def _time_clean_route(config: str, x: torch.Tensor, recognizer, gate, make_shiel
                                note="frames labelled as they arrive", setup=live_arrivals)]
 
     rows = []
+    gate_at = {p: _torch_at(*gate, p) for p in precisions}  # each precision's gate built once
     for rec_precision in precisions:
         rec_net = _torch_at(*recognizer, rec_precision)
 
@@ -366,7 +367,7 @@ def _time_clean_route(config: str, x: torch.Tensor, recognizer, gate, make_shiel
                 return rec_net(x).argmax(-1)
 
         gates = [p for p in precisions if p == rec_precision or rec_precision == "fp32"]
-        runs = [cases(_torch_at(*gate, p), rec_net, "" if p == "fp32" else f", gate {p}") for p in gates]
+        runs = [cases(gate_at[p], rec_net, "" if p == "fp32" else f", gate {p}") for p in gates]
         name = "recogniser alone" if rec_precision == "fp32" else f"recogniser alone, {rec_precision}"
         rows += benchmark.run("e2e-clean-route", config, benchmark.Case(name, alone), [c for r in runs for c in r],
                               csv_path=csv_path, interleave=True, **timing)

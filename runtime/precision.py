@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -11,9 +12,11 @@ from .config import ConfigBase, check
 from .errors import ConfigError
 
 
+@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU runs bf16 convolutions and matmuls natively (oneDNN's check: AVX512-BF16
-    or AMX). Without it PyTorch emulates bf16 on CPU, an order of magnitude slower than fp32."""
+    or AMX). Without it PyTorch emulates bf16 on CPU, an order of magnitude slower than fp32.
+    Fixed for the process, so cached (the fused plans ask on every call)."""
     import torch
 
     try:

@@ -27,7 +27,6 @@ benchmarks.bench_models --fused`` measures it.
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import torch
@@ -39,12 +38,6 @@ from .layout import frames_to_batch
 
 
 PLAN_DTYPES = (torch.float32, torch.bfloat16)
-
-
-@functools.cache
-def _bf16_convolutions() -> bool:
-    """oneDNN's bf16 convolutions exist on this CPU (PyTorch refuses them elsewhere)."""
-    return native_bf16()
 
 
 def _mkldnn_ops_available() -> bool:
@@ -268,7 +261,7 @@ def plan_applies(model: nn.Module, frames: torch.Tensor) -> bool:
     return (not model.training and not torch.is_grad_enabled() and frames.device.type == "cpu"
             and frames.dtype in PLAN_DTYPES and frames.ndim == 5 and weight.dtype == frames.dtype
             and weight.device.type == "cpu" and onednn_call_allowed()
-            and (frames.dtype == torch.float32 or _bf16_convolutions()))
+            and (frames.dtype == torch.float32 or native_bf16()))  # PyTorch refuses bf16 convolutions elsewhere
 
 
 def use_fused_inference(model: nn.Module) -> bool:
