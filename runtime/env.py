@@ -7,6 +7,7 @@
 | VPURE_LOG_LEVEL | logging level name | ``WARNING`` |
 | VPURE_PROGRESS | ``0`` disables progress bars | bars on a terminal only |
 | VPURE_NUM_THREADS | CPU threads for torch and the native kernels | torch's default |
+| VPURE_RETAIN_CPU_MEMORY | ``0`` keeps glibc's default malloc thresholds (:mod:`vpure.runtime.memory`) | retained |
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Environment:
     log_level: str
     progress: bool | None  # None: decide by whether stderr is a terminal
     num_threads: int | None
+    retain_cpu_memory: bool
 
 
 def _default_data_dir() -> Path | None:
@@ -61,6 +63,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         log_level=level,
         progress=progress,
         num_threads=threads,
+        retain_cpu_memory=env.get("VPURE_RETAIN_CPU_MEMORY", "1").strip().lower() not in ("0", "false", "no", "off"),
     )
 
 

@@ -96,6 +96,9 @@ REGISTRY_NAMES = {"frame_classifier": "frame_classifier", "recognizer": "i3d_nl5
 def load_components(cfg: RunConfig) -> Components:
     """The model set ``cfg.models`` as torch modules, then engine backends where the runtime config says so."""
     from . import presets, registry
+    from .memory import retain_cpu_memory
+
+    retain_cpu_memory()  # freed activations stay in the process: no fresh pages per call
 
     if cfg.models == "miniworld":
         from .miniworld.dataset import CLASSES

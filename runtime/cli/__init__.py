@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         configure_logging(args.log_level)
+        if args.command != "info":  # info reports the process as it is
+            from ..memory import retain_cpu_memory
+
+            retain_cpu_memory()
         return int(importlib.import_module(args._module).run(args) or 0)
     except VpureError as e:
         print(f"vpure {args.command}: error: {e}", file=sys.stderr)

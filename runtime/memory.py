@@ -1,0 +1,72 @@
+"""Keep freed CPU tensor memory inside the process between calls (glibc malloc).
+
+glibc serves a large allocation with a fresh ``mmap`` and unmaps it on ``free`` (above a
+threshold that adapts, from 128 KiB up to 32 MiB), and trims the heap's free top back to
+the kernel once it exceeds twice that threshold. An inference call's activations are such
+allocations, so every call's tensors come back as new pages that the kernel zero-fills on
+first touch: on a 2-vCPU Xeon, 6,200 page faults per bf16 ResNet-18 gate call (32 frames
+at 112 px: 28-31 ms, 23 ms without them) and 34,000-37,000 per fp32 I3D-R50 call (32 x 224
+px: 213-214 ms, 182 ms without them). :func:`retain_cpu_memory` fixes the mmap threshold
+at its 32 MiB ceiling and the trim threshold at 1 GiB, so that freed blocks stay in the heap
+for the next call: the process keeps its peak heap (resident set stable after warm-up, not
+above the peak) instead of handing it back and faulting it in again.
+
+It is process-wide and applied once: by the ``vpure`` command line before any subcommand,
+and by :func:`vpure.runtime.runner.load_components` for code that embeds the runtime.
+``VPURE_RETAIN_CPU_MEMORY=0`` in the environment turns it off. Elsewhere than glibc
+(musl, macOS, Windows) it does nothing and says so in the log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import threading
+
+from .env import read_environment
+
+log = logging.getLogger(__name__)
+
+ENV = "VPURE_RETAIN_CPU_MEMORY"
+# Blocks up to 32 MiB come from the heap (the most any glibc accepts; larger ones keep their
+# own mapping, so a freed giant block never strands heap space); up to 1 GiB of free heap
+# top is kept rather than trimmed.
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 1 << 30
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _glibc():
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+
+
+def retain_cpu_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds (see the module docstring) once per process.
+    True when they are in force (now or from an earlier call), False where the environment
+    turns it off or the C library is not glibc."""
+    with _lock:
+        if "applied" in _state:
+            return bool(_state["applied"])
+        applied = False
+        if not read_environment().retain_cpu_memory:
+            log.debug("%s=0: glibc's default mmap and trim thresholds kept", ENV)
+        elif (libc := _glibc()) is None:
+            log.debug("not glibc: freed CPU memory goes back to the system as the C library decides")
+        else:
+            applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(MMAP_THRESHOLD))
+                           and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD)))
+            log.debug("glibc malloc: mmap threshold %d bytes, trim threshold %d bytes (applied: %s)",
+                      MMAP_THRESHOLD, TRIM_THRESHOLD, applied)
+        _state["applied"] = applied
+        return applied
