@@ -1,5 +1,6 @@
 """vpure.kernels: the hot loops (warp-L1 loss/gradient, block matching, integer DCT, and
-small-head attention for CPU inference, ``attention.py``).
+for CPU inference small-head attention, ``attention.py``, channels-last max pooling,
+``pool.py``, and antialiased resizing, ``resize.py``).
 
 Depends on torch (and triton, imported lazily) only. Each op module follows one order:
 ``<op>_ref`` (float64 oracle), Triton launcher (its ``@triton.jit`` kernels live in
@@ -14,10 +15,12 @@ from .block_match import block_match
 from .errors import KernelError, KernelUnavailable
 from .intdct import dequantize, forward_transform, inverse_transform, quantize, quantize_residual
 from .motion import motion_compensate
+from .pool import max_pool2d
+from .resize import resize_antialiased
 from .warp_l1 import warp_l1, warp_l1_grad
 
 __all__ = [
     "IMPLS", "KernelError", "KernelUnavailable", "available_impls", "block_match", "dequantize",
-    "forward_transform", "inverse_transform", "motion_compensate", "native", "quantize", "quantize_residual",
-    "small_head_attention", "warp_l1", "warp_l1_grad",
+    "forward_transform", "inverse_transform", "max_pool2d", "motion_compensate", "native", "quantize",
+    "quantize_residual", "resize_antialiased", "small_head_attention", "warp_l1", "warp_l1_grad",
 ]

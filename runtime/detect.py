@@ -18,9 +18,10 @@ from typing import Sequence
 
 import torch
 
+from vpure.kernels.resize import resize_antialiased
+
 from .config import ConfigBase, check
 from .errors import InputError
-from .models.layout import batch_to_frames, frames_to_batch
 
 ROUTES = ("clean", "sparse", "dense")
 
@@ -109,9 +110,8 @@ class Detector:
         s = self.config.frame_size
         if not s or clip.shape[-2:] == (s, s):
             return clip
-        x = frames_to_batch(clip).float()
-        x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-        return batch_to_frames(x, clip.shape[0])
+        # antialiased bilinear (PyTorch's taps; the native kernel where no gradient is needed)
+        return resize_antialiased(clip.float(), (s, s))
 
     @torch.inference_mode()
     def frame_labels(self, clip: torch.Tensor) -> torch.Tensor:

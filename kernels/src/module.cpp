@@ -1,4 +1,5 @@
-// vpure.kernels._native: CPU kernels for block matching, warp-L1 and small-head attention.
+// vpure.kernels._native: CPU kernels for block matching, warp-L1, small-head attention,
+// channels-last max pooling and separable (antialiased) resizing.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
@@ -9,6 +10,8 @@ namespace nb = nanobind;
 void register_block_match(nb::module_ &m);
 void register_warp_l1(nb::module_ &m);
 void register_attention(nb::module_ &m);
+void register_pool(nb::module_ &m);
+void register_resize(nb::module_ &m);
 
 NB_MODULE(_native, m) {
   m.doc() = "vpure native CPU kernels";
@@ -31,4 +34,6 @@ NB_MODULE(_native, m) {
   register_block_match(m);
   register_warp_l1(m);
   register_attention(m);
+  register_pool(m);
+  register_resize(m);
 }

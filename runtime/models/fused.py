@@ -32,6 +32,7 @@ import threading
 import torch
 from torch import nn
 
+from vpure.kernels.pool import max_pool2d
 from ..precision import native_bf16
 from .conv import onednn_call_allowed
 from .layout import frames_to_batch
@@ -162,7 +163,7 @@ class FramePlan(_Plan):
         x = frames_to_batch((frames - self.mean).div_(self.std))
         x = self.stem(x)  # oneDNN's output is channels-last from here on
         if self.stem_pool:
-            x = torch.nn.functional.max_pool2d(x, 3, 2, 1)
+            x = max_pool2d(x, 3, 2, 1)  # the native channels-last kernel where built
         x = _run_blocks(x, self.blocks)
         x = torch.addmm(self.fc_bias, x.mean((2, 3)), self.fc_weight.t())
         return x.reshape(b, t, self.num_classes)
