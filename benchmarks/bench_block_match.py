@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--radius", type=int, nargs="+", default=[7, 16])
     p.add_argument("--clip", default="vtest.avi")
-    p.add_argument("--csv", default="benchmarks/results/results.csv")
+    p.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV to append rows to ('' for none)")
     args = p.parse_args(argv)
     import cv2
 

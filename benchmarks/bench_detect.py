@@ -30,7 +30,7 @@ from .footage import load_clip
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--csv", default="benchmarks/results/results.csv")
+    p.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV to append rows to ('' for none)")
     args = p.parse_args(argv)
     frames = load_clip("vtest.avi", frames=32, size=224)
     u8 = torch.from_numpy(frames).permute(3, 0, 1, 2).contiguous()  # (3, T, H, W)

@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     p.add_argument("--precisions", default="fp32,fp16,int8")
     p.add_argument("--engines", default="engines/bench", help="artefact cache (reused when sidecars match)")
     p.add_argument("--calib-count", type=int, default=8)
-    p.add_argument("--csv", default="benchmarks/results/results.csv")
+    p.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV to append rows to ('' for none)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger().setLevel(logging.ERROR)

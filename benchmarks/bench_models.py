@@ -268,7 +268,7 @@ def main(argv=None) -> None:
                    help="only the VAE decoders, diffusers' Upsample2D against SubpixelUpsample")
     p.add_argument("--native-attention", action="store_true",
                    help="only the `small` UNet's attention shapes, PyTorch's kernel against the native one")
-    p.add_argument("--csv", default="benchmarks/results/results.csv")
+    p.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV to append rows to ('' for none)")
     args = p.parse_args(argv)
     args.csv = args.csv or None
     if args.native_attention:

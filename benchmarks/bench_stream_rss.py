@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--stride", type=int, default=16)
-    p.add_argument("--csv", default="benchmarks/results/results.csv")
+    p.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV to append rows to ('' for none)")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="vpure-rss-"))
     video, n = long_footage(args.minutes, work / "long.mp4")
@@ -81,8 +81,9 @@ def main(argv=None) -> None:
     row = benchmark.Row("peak RSS growth after warm-up", late, base, samples[-1], len(samples), base / late,
                         f"{growth:+.2f}% ({'ok' if growth <= 5 else 'MISS'})", "p50=max RSS after warm-up MiB, "
                         "p90=max during warm-up MiB, p99=final MiB")
-    benchmark.append_csv(args.csv, "stream_rss", f"{args.minutes:g} min vtest-like, tiny", "RSS after warm-up",
-                         [row], "cpu")
+    if args.csv:
+        benchmark.append_csv(args.csv, "stream_rss", f"{args.minutes:g} min vtest-like, tiny", "RSS after warm-up",
+                             [row], "cpu")
 
 
 if __name__ == "__main__":

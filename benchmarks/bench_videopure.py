@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", nargs="+", default=["tiny", "small", "modelscope"])
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--csv", default="benchmarks/results/results.csv")
+    p.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV to append rows to ('' for none)")
     args = p.parse_args(argv)
     torch.set_grad_enabled(True)
     for name in args.preset:

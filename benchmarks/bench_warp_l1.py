@@ -34,7 +34,7 @@ def autograd_grid_sample(x: torch.Tensor, flow: torch.Tensor):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--csv", default="benchmarks/results/results.csv")
+    p.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV to append rows to ('' for none)")
     args = p.parse_args(argv)
     for shape in SHAPES:
         g = torch.Generator().manual_seed(0)

@@ -187,7 +187,7 @@ def run(group: str, config: str, reference: Case, cases: list[Case], *, device: 
         rows.append(Row(case.name, p50, _pct(s, 90), _pct(s, 99), len(s), ref_p50 / p50, parities[case.name],
                         case.note, s))
     print_table(group, config, rows)
-    if csv_path is not None:
+    if csv_path:  # None or "" (the benchmarks' --csv '') write no row
         append_csv(csv_path, group, config, reference.name, rows, device)
     return rows
 
