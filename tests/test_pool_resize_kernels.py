@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from helpers import assert_close
 from vpure.kernels import KernelError, KernelUnavailable, max_pool2d, resize_antialiased
 from vpure.kernels._dispatch import native
-from vpure.kernels.pool import max_pool2d_native, max_pool2d_ref
+from vpure.kernels.pool import max_pool2d_native, max_pool2d_ref, max_pool3d, max_pool3d_native, max_pool3d_ref
 from vpure.kernels.resize import resize_antialiased_native, resize_antialiased_ref, taps
 
 pytestmark = pytest.mark.skipif(native() is None, reason="the native extension is not built")
@@ -64,6 +64,36 @@ def test_max_pool_auto_dispatch_and_bad_input():
         max_pool2d_native(x.double(), 3, 2, 1)
     with pytest.raises(KernelUnavailable):
         max_pool2d(x, 3, 2, 1, impl="triton")
+
+
+@pytest.mark.parametrize("portable", COPIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((1, 64, 16, 28, 28), (1, 3, 3), (2, 2, 2), (0, 1, 1)),  # an I3D stem pool
+    ((2, 24, 8, 7, 9), (2, 1, 1), (2, 1, 1), (0, 0, 0)),  # an I3D pool2
+    ((1, 5, 7, 6, 5), (3, 3, 3), (2, 1, 1), (0, 1, 1)), ((2, 3, 5, 9, 8), (2, 2, 2), (1, 3, 3), (0, 1, 1))])
+def test_max_pool3d_equals_the_oracle_exactly(portable, dtype, shape, kernel, stride, padding):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(*shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    got = max_pool3d_native(x, kernel, stride, padding, portable=portable)
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(got, max_pool3d_ref(x, kernel, stride, padding))
+    assert torch.equal(got, F.max_pool3d(x, kernel, stride, padding))
+    assert torch.equal(max_pool3d(x, kernel, stride, padding), got)  # auto: native on this layout
+
+
+def test_max_pool3d_refuses_what_the_kernel_does_not_do():
+    x = torch.rand(1, 4, 6, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    with pytest.raises(KernelError, match="square spatial windows and no temporal padding"):
+        max_pool3d(x, (1, 3, 2), (1, 2, 2), (0, 1, 1))
+    with pytest.raises(KernelError, match="square spatial windows and no temporal padding"):
+        max_pool3d(x, (3, 3, 3), (1, 2, 2), (1, 1, 1))
+    with pytest.raises(KernelError, match="3-tuples"):
+        max_pool3d(x, 3, 2, 1)
+    with pytest.raises(KernelError, match="does not fit"):
+        max_pool3d(x, (7, 1, 1), (1, 1, 1), (0, 0, 0))
+    with pytest.raises(KernelError, match=r"\(N, C, T, H, W\)"):
+        max_pool3d(x[0], (1, 3, 3), (1, 2, 2), (0, 1, 1))
 
 
 @pytest.mark.parametrize("size_in,size_out", [((224, 224), (112, 112)), ((37, 53), (16, 30)), ((20, 20), (41, 33)),
@@ -128,7 +158,7 @@ def test_gate_paths_use_the_kernels(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(pool_mod, "max_pool2d_native", counted("pool", pool_mod.max_pool2d_native))
+    monkeypatch.setattr(pool_mod, "_native", counted("pool", pool_mod._native))
     monkeypatch.setattr(resize_mod, "resize_antialiased_native", counted("resize", resize_mod.resize_antialiased_native))
     torch.manual_seed(0)
     gate = FrameClassifier(num_classes=5, widths=(8, 16), depths=(1, 1), stem_width=8).eval()

@@ -1,12 +1,13 @@
-// Max pooling over channels-last (NHWC) maps for CPU inference: y[n, oy, ox, c] = max over
-// the k x k window at (oy*s - p, ox*s - p) of x[n, ., ., c], windows clipped to the map
-// (implicit -inf padding), NaN propagating as in PyTorch's max_pool2d. fp32 or bf16 (the
-// maximum is one of its inputs, so bf16 is compared in fp32 and stored back exactly).
+// Max pooling over channels-last (NDHWC; NHWC is D = 1) maps for CPU inference:
+// y[n, ot, oy, ox, c] = max over the kt x k x k window at (ot*st, oy*s - p, ox*s - p) of
+// x[n, ., ., ., c], windows clipped to the map (implicit -inf spatial padding; none in
+// time), NaN propagating as in PyTorch's max_pool2d/3d. fp32 or bf16 (the maximum is one of
+// its inputs, so bf16 is compared in fp32 and stored back exactly).
 //
-// Why: oneDNN's convolutions leave their output channels-last, and PyTorch's CPU
-// max_pool2d on such a map also writes the argmax indices nobody reads; on the ResNet-18
-// gate's stem (32 x 64 x 56 x 56, bf16) it takes 1.6 ms alone. Here each output row is the
-// running maximum over C contiguous channels of at most k*k input rows, vectorised over C.
+// Why: oneDNN's convolutions leave their output channels-last, and PyTorch's CPU max pools
+// on such a map also write the argmax indices nobody reads; on the ResNet-18 gate's stem
+// (32 x 64 x 56 x 56, bf16) it takes 1.6 ms alone. Here each output pixel is the running
+// maximum over C contiguous channels of at most kt*k*k input pixels, vectorised over C.
 #include <nanobind/nanobind.h>
 
 #include <algorithm>
@@ -23,7 +24,7 @@ namespace nb = nanobind;
 namespace {
 
 struct Pool {
-  int64_t N, H, W, C, OH, OW, k, s, p;
+  int64_t N, T, H, W, C, OT, OH, OW, kt, st, k, s, p;
 };
 
 #define VPURE_ISA_IMPL "pool_impl.inc"
@@ -36,7 +37,7 @@ void run(const Pool& q, const T* x, T* y, bool portable) {
 #else
   (void)portable;
 #endif
-  const int64_t rows = q.N * q.OH;
+  const int64_t rows = q.N * q.OT * q.OH;
 #pragma omp parallel
   {
     std::vector<float> acc((size_t)q.C);
@@ -53,12 +54,13 @@ void run(const Pool& q, const T* x, T* y, bool portable) {
 
 // Pointers come from the Python wrapper (vpure.kernels.pool), which checks device, dtype,
 // layout and sizes and allocates the output; this entry point trusts them.
-void max_pool_entry(bool bf16, uintptr_t x, uintptr_t y, int64_t N, int64_t H, int64_t W, int64_t C, int64_t k,
-                    int64_t s, int64_t p, bool portable) {
-  if (N < 0 || H <= 0 || W <= 0 || C <= 0 || k <= 0 || s <= 0 || p < 0 || 2 * p > k)
-    throw std::invalid_argument("max_pool2d_nhwc: bad sizes");
-  const Pool q{N, H, W, C, (H + 2 * p - k) / s + 1, (W + 2 * p - k) / s + 1, k, s, p};
-  if (q.OH <= 0 || q.OW <= 0) throw std::invalid_argument("max_pool2d_nhwc: window larger than the map");
+void max_pool_entry(bool bf16, uintptr_t x, uintptr_t y, int64_t N, int64_t T, int64_t H, int64_t W, int64_t C,
+                    int64_t kt, int64_t st, int64_t k, int64_t s, int64_t p, bool portable) {
+  if (N < 0 || T <= 0 || H <= 0 || W <= 0 || C <= 0 || kt <= 0 || st <= 0 || k <= 0 || s <= 0 || p < 0 ||
+      2 * p > k)
+    throw std::invalid_argument("max_pool_ndhwc: bad sizes");
+  const Pool q{N, T, H, W, C, (T - kt) / st + 1, (H + 2 * p - k) / s + 1, (W + 2 * p - k) / s + 1, kt, st, k, s, p};
+  if (T < kt || q.OH <= 0 || q.OW <= 0) throw std::invalid_argument("max_pool_ndhwc: window larger than the map");
   if (bf16)
     run(q, reinterpret_cast<const uint16_t*>(x), reinterpret_cast<uint16_t*>(y), portable);
   else
@@ -68,8 +70,8 @@ void max_pool_entry(bool bf16, uintptr_t x, uintptr_t y, int64_t N, int64_t H, i
 }  // namespace
 
 void register_pool(nb::module_& m) {
-  m.def("max_pool2d_nhwc", &max_pool_entry, nb::arg("bf16"), nb::arg("x"), nb::arg("y"), nb::arg("N"), nb::arg("H"),
-        nb::arg("W"), nb::arg("C"), nb::arg("k"), nb::arg("s"), nb::arg("p"), nb::arg("portable") = false,
-        nb::call_guard<nb::gil_scoped_release>(),
-        "Raw-pointer entry for vpure.kernels.pool.max_pool2d (use that).");
+  m.def("max_pool_ndhwc", &max_pool_entry, nb::arg("bf16"), nb::arg("x"), nb::arg("y"), nb::arg("N"), nb::arg("T"),
+        nb::arg("H"), nb::arg("W"), nb::arg("C"), nb::arg("kt"), nb::arg("st"), nb::arg("k"), nb::arg("s"),
+        nb::arg("p"), nb::arg("portable") = false, nb::call_guard<nb::gil_scoped_release>(),
+        "Raw-pointer entry for vpure.kernels.pool.max_pool2d / max_pool3d (use those).");
 }

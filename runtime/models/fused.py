@@ -32,7 +32,7 @@ import threading
 import torch
 from torch import nn
 
-from vpure.kernels.pool import max_pool2d
+from vpure.kernels.pool import max_pool2d, max_pool3d
 from ..precision import native_bf16
 from .conv import onednn_call_allowed
 from .layout import frames_to_batch
@@ -102,6 +102,18 @@ class FusedConv:
         return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, self.bias, self.padding,
                                                               self.stride, self.dilation, self.groups, "add", None,
                                                               "relu", [], "")
+
+
+def _native_pool(pool: nn.Module):
+    """A ``MaxPool3d`` as :func:`vpure.kernels.pool.max_pool3d` (the native channels-last
+    kernel where it applies, PyTorch's elsewhere), or the module itself (an ``Identity``,
+    or a pool the kernel does not take)."""
+    if not isinstance(pool, nn.MaxPool3d) or pool.ceil_mode or pool.dilation not in (1, (1, 1, 1)):
+        return pool
+    k, s, p = (v if isinstance(v, tuple) else (v,) * 3 for v in (pool.kernel_size, pool.stride, pool.padding))
+    if k[1] != k[2] or s[1] != s[2] or p[1] != p[2] or p[0]:
+        return pool
+    return lambda x: max_pool3d(x, k, s, p)
 
 
 def _versions(tensors) -> tuple[tuple[int, int], ...]:
@@ -175,9 +187,9 @@ class ClipPlan(_Plan):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.mean, self.std = model.mean, model.std
-        conv, bn, _, self.stem_pool = model.first_stage
+        conv, bn, _, stem_pool = model.first_stage
         self.stem = FusedConv(conv, bn, "relu")
-        self.pool2 = model.pool2
+        self.stem_pool, self.pool2 = _native_pool(stem_pool), _native_pool(model.pool2)
         bottleneck = model.block == "bottleneck"
         self.stages = [_residual_blocks(layer, lambda b: [(b.conv1, b.bn1), (b.conv2, b.bn2)]
                                         + ([(b.conv3, b.bn3)] if bottleneck else []))
