@@ -70,3 +70,17 @@ def retain_cpu_memory() -> bool:
                       MMAP_THRESHOLD, TRIM_THRESHOLD, applied)
         _state["applied"] = applied
         return applied
+
+
+def describe() -> str:
+    """What :func:`retain_cpu_memory` does (or did) in this process, for ``vpure info``."""
+    with _lock:
+        applied = _state.get("applied")
+    if applied:
+        return f"glibc, freed memory retained (mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim {TRIM_THRESHOLD >> 30} GiB)"
+    if _glibc() is None:
+        return "not glibc: left to the C library"
+    if not read_environment().retain_cpu_memory:
+        return f"glibc defaults ({ENV}=0)"
+    return "glibc; vpure commands and load_components retain freed memory (VPURE_RETAIN_CPU_MEMORY=0: off)"
+

@@ -71,3 +71,4 @@ def test_retain_cpu_memory_is_applied_once_and_reports_it():
     first = memory.retain_cpu_memory()
     assert memory.retain_cpu_memory() is first
     assert first == (memory._glibc() is not None and read_environment().retain_cpu_memory)
+    assert ("retained (" in memory.describe()) == first

@@ -42,7 +42,7 @@ def collect() -> dict[str, Any]:
     import torch
 
     from vpure import kernels
-    from vpure.runtime import registry
+    from vpure.runtime import memory, registry
     from vpure.runtime.backends import backend_names
     from vpure.runtime.benchmark import machine_id
     from vpure.runtime.env import read_environment
@@ -55,7 +55,8 @@ def collect() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": {p: v for p in _PACKAGES if (v := package_version(p)) is not None},
-        "cpu": {"machine": machine_id(), "threads": torch.get_num_threads(), "native_bf16": native_bf16()},
+        "cpu": {"machine": machine_id(), "threads": torch.get_num_threads(), "native_bf16": native_bf16(),
+                "memory": memory.describe()},
         "cuda": {"available": cuda, "torch_cuda": torch.version.cuda,
                  "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []},
         "backends": {"torch": {"available": True, "devices": ["cpu"] + (["cuda"] if cuda else [])},
@@ -81,7 +82,8 @@ def render(info: dict[str, Any]) -> str:
     lines += [f"  {k:<24} {v}" for k, v in info["packages"].items()]
     cpu = info["cpu"]
     lines += ["", f"cpu: {cpu['machine']}, torch threads {cpu['threads']}, bf16 "
-                  f"{'native' if cpu['native_bf16'] else 'emulated (choose fp32 on this CPU)'}"]
+                  f"{'native' if cpu['native_bf16'] else 'emulated (choose fp32 on this CPU)'}",
+              f"cpu memory: {cpu['memory']}"]
     cuda = info["cuda"]
     lines += ["", f"cuda: {'yes ' + ', '.join(cuda['devices']) if cuda['available'] else 'no'}"
                   f" (torch built for CUDA {cuda['torch_cuda']})", "", "backends:"]
