@@ -6,7 +6,9 @@ batch norm, ReLU, convolution, batch norm, add, ReLU). With the batch norm's run
 statistics folded into the convolution's weight and bias, and the ReLU (or the residual
 add and its ReLU) applied by oneDNN as a post-op of the convolution, it is two primitives
 whose outputs stay in oneDNN's channels-last layout. The weights are folded once and
-reordered into oneDNN's blocked layout once per input shape, instead of on every call.
+reordered into oneDNN's blocked layout once per input shape, instead of on every call. The
+stems' max-pools (and I3D's temporal pool) run in :mod:`vpure.kernels.pool`'s native
+channels-last kernel, which writes no argmax indices.
 
 :class:`FramePlan` is that plan for a
 :class:`~vpure.runtime.models.frame_classifier.FrameClassifier` (2-D, frames batched) and
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from vpure.kernels.pool import max_pool2d, max_pool3d
+
 from ..precision import native_bf16
 from .conv import onednn_call_allowed
 from .layout import frames_to_batch
@@ -229,7 +232,7 @@ class SlowFastPlan(_Plan):
                 stage.res_blocks, lambda b: [(b.branch2.conv_a, b.branch2.norm_a), (b.branch2.conv_b, b.branch2.norm_b),
                                              (b.branch2.conv_c, b.branch2.norm_c)],
                 lambda b: None if b.branch1_conv is None else (b.branch1_conv, b.branch1_norm))
-        return FusedConv(stage.conv, stage.norm, "relu"), stage.pool  # a stem
+        return FusedConv(stage.conv, stage.norm, "relu"), _native_pool(stage.pool)  # a stem
 
     @staticmethod
     def _run(x: torch.Tensor, path) -> torch.Tensor:
