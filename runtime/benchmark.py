@@ -80,11 +80,21 @@ def device_name(device: str = "cpu") -> str:
     return "cpu"
 
 
-def git_commit() -> str:
+def git_commit(where: Path | None = None) -> str:
+    """The short commit of the checkout holding ``where`` (default: this package's), with
+    "+dirty" when tracked files other than ``benchmarks/results`` differ from it (so a row
+    measured on uncommitted code says so)."""
+    here = where or Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
+                             cwd=here)
+        commit = out.stdout.strip()
+        if not commit:
+            return "unknown"
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                 ":(exclude,top)benchmarks/results"], capture_output=True, text=True, timeout=10,
+                                cwd=here)
+        return commit + ("+dirty" if status.returncode == 0 and status.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 import json
 
 import cv2
@@ -395,6 +397,29 @@ def test_interleaved_benchmark_times_every_case_per_round_and_skips_wrong_ones(t
     assert calls == ["r", "a", "b", "r", "a"] + ["r", "a"] * 3
     assert rows[2].parity == "FAIL: values differ"
     assert len((tmp_path / "r.csv").read_text().splitlines()) == 4
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_benchmark_rows_name_a_dirty_checkout(tmp_path):
+    """A row measured on uncommitted code says so; result files alone do not count."""
+    from vpure.runtime.benchmark import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "results.csv").write_text("a\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    clean = git_commit(tmp_path)
+    assert clean != "unknown" and not clean.endswith("+dirty")
+    (tmp_path / "benchmarks" / "results" / "results.csv").write_text("a\nb\n")
+    assert git_commit(tmp_path / "benchmarks") == clean  # a results row appended: still clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == clean + "+dirty"
 
 
 def test_deployment_scale_clean_route_benchmark_runs(tmp_path):
