@@ -101,10 +101,12 @@ def decode_frames(decoder: Module, z: torch.Tensor, frames_per_call: int = 0) ->
     """Decode latents (N, 4, T, h, w) frame by frame in calls of ``frames_per_call`` frames.
 
     The VAE decodes every frame independently, so the N*T frames are one stream cut into
-    calls; 0 picks all at once on CUDA and 4 per call on CPU.
+    calls; 0 picks all at once on CUDA and 16 per call on CPU (`small`'s decoder, 7 x 16
+    frames, on the 2-vCPU Xeon with freed memory retained: bf16 1.07 s at 16 frames per
+    call against 1.18-1.20 s at 4; fp32 and Inductor-compiled bf16 the same at either).
     """
     n, c, t, h, w = z.shape
-    k = frames_per_call or (n * t if z.device.type == "cuda" else 4)
+    k = frames_per_call or (n * t if z.device.type == "cuda" else 16)
     flat = z.permute(0, 2, 1, 3, 4).reshape(1, n * t, c, h, w).permute(0, 2, 1, 3, 4)  # (1, 4, N*T, h, w)
     out = torch.cat([decoder(flat[:, :, i:i + k]) for i in range(0, n * t, k)], dim=2)
     return out.permute(0, 2, 1, 3, 4).reshape(n, t, *out.shape[1:2], *out.shape[-2:]).permute(0, 2, 1, 3, 4)
