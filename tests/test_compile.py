@@ -32,6 +32,34 @@ def test_a_compiled_unet_gives_the_eager_outputs():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_a_compiled_unet_is_one_graph_guarded_on_its_inputs_only():
+    """compile_for_inference: no graph break at diffusers' upsample-size log line; guards
+    rooted at the module dropped (freezing baked it in), the inputs' and global state's
+    kept, so a new batch size recompiles and still gives the eager outputs."""
+    from types import SimpleNamespace
+
+    from vpure.runtime.models.inference import _frozen_module_guards, compile_for_inference
+
+    names = ["self._modules['unet']._forward_hooks", "list(dict.keys(self._modules['unet'].__dict__))[0]",
+             "self", "L['latents']", "latents", "G['torch']", "___check_global_state()"]
+    assert _frozen_module_guards([SimpleNamespace(name=n) for n in names]) == [False, False, True, True, True,
+                                                                               True, True]
+    unet, _, z, t = _tiny_unet_call()
+    z = z[..., :7, :7]  # not a multiple of the upsampling factor: diffusers logs (and forwards the size)
+    with torch.inference_mode():
+        want = unet(z, t)
+        z2 = torch.cat([z, z.flip(0).mul(0.5)])
+        want2 = unet(z2, t)
+    torch._dynamo.reset()
+    compiled = compile_for_inference(unet)
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(unet)(z, t)
+        assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+        torch.testing.assert_close(compiled(z, t), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(compiled(z2, t), want2, rtol=1e-4, atol=1e-4)  # recompiled for batch 2
+    torch._dynamo.reset()
+
+
 def test_a_compiler_failure_is_a_backend_error_naming_the_component(monkeypatch, tmp_path):
     import torch._inductor.config as inductor_config
 
