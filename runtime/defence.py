@@ -101,15 +101,25 @@ def decode_frames(decoder: Module, z: torch.Tensor, frames_per_call: int = 0) ->
     """Decode latents (N, 4, T, h, w) frame by frame in calls of ``frames_per_call`` frames.
 
     The VAE decodes every frame independently, so the N*T frames are one stream cut into
-    calls; 0 picks all at once on CUDA and 16 per call on CPU (`small`'s decoder, 7 x 16
-    frames, on the 2-vCPU Xeon with freed memory retained: bf16 1.07 s at 16 frames per
-    call against 1.18-1.20 s at 4; fp32 and Inductor-compiled bf16 the same at either).
+    calls; 0 picks all at once on CUDA and 8 per call on CPU (`small`'s decoder, 7 x 16
+    frames, on the 2-vCPU Xeon with freed memory retained, eager bf16: 1.11 s at 8 frames
+    per call, 1.07-1.08 s at 16-28, 1.18-1.22 s at 4; fp32 and Inductor-compiled bf16 the
+    same at 4 or 16; 8 still fits the tiny engines' T <= 8 profiles), and never more than a
+    backend-served decoder's (``as_module_call``) shape profile admits.
     """
     n, c, t, h, w = z.shape
-    k = frames_per_call or (n * t if z.device.type == "cuda" else 16)
+    k = frames_per_call or min(n * t if z.device.type == "cuda" else 8, _max_frames(decoder) or n * t)
     flat = z.permute(0, 2, 1, 3, 4).reshape(1, n * t, c, h, w).permute(0, 2, 1, 3, 4)  # (1, 4, N*T, h, w)
     out = torch.cat([decoder(flat[:, :, i:i + k]) for i in range(0, n * t, k)], dim=2)
     return out.permute(0, 2, 1, 3, 4).reshape(n, t, *out.shape[1:2], *out.shape[-2:]).permute(0, 2, 1, 3, 4)
+
+
+def _max_frames(decoder) -> int | None:
+    """The most frames per call a backend-served decoder's shape profile admits (an engine
+    built for T <= 8 takes no 16-frame call), or None for a plain module."""
+    spec = getattr(getattr(decoder, "backend", None), "spec", None)
+    profile = getattr(spec, "profile", None) or {}
+    return profile["T"][2] if "T" in profile else None
 
 
 class TimedEps:

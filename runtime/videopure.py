@@ -55,7 +55,7 @@ class VideoPureConfig(ConfigBase):
     voting: str = "hard"  # "hard" (released), "soft" (mean softmax), "off" (last member alone)
     flow_range: str = "unit"  # frames fed to the flow network: [0, 1] as released, or its native range
     # Frames per VAE decoder call when decoding the members. 0 = auto: every member in one
-    # batch on CUDA, 16 frames per call on CPU (defence.decode_frames says why).
+    # batch on CUDA, 8 frames per call on CPU (defence.decode_frames says why).
     decode_batch_frames: int = 0
     kernel_impl: str = "auto"  # warp_l1_grad implementation
 

@@ -233,6 +233,31 @@ def test_decode_frames_chunking_is_equivalent(tiny):
             assert_close(decode_frames(tiny.decoder, z, k), whole, atol=1e-5, name=f"frames_per_call={k}")
 
 
+def test_decode_frames_auto_chunks_fit_a_backend_profile(tiny):
+    """The automatic chunk (8 frames on CPU) never exceeds what a backend-served decoder's
+    shape profile admits; a plain module gets 8-frame calls."""
+    from types import SimpleNamespace
+
+    from vpure.runtime.defence import decode_frames
+
+    z = torch.randn(2, 4, 7, 8, 8, generator=torch.Generator().manual_seed(12))
+    sizes: list[int] = []
+
+    def served(x):  # as as_module_call wraps a backend: the call, with the backend beside it
+        sizes.append(x.shape[2])
+        return tiny.decoder(x)
+
+    served.backend = SimpleNamespace(spec=SimpleNamespace(profile={"T": (1, 3, 3)}))
+    with torch.inference_mode():
+        whole = tiny.decoder(z)
+        assert_close(decode_frames(served, z), whole, atol=1e-5, name="profile-capped chunks")
+        assert sizes == [3, 3, 3, 3, 2]
+        sizes.clear()
+        del served.backend
+        decode_frames(served, z)
+        assert sizes == [8, 6]
+
+
 def test_video_loading_errors(tmp_path):
     from vpure.runtime.video import load_clip
 
