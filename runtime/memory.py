@@ -11,8 +11,8 @@ at its 32 MiB ceiling and the trim threshold at 1 GiB, so that freed blocks stay
 for the next call: the process keeps its peak heap (resident set stable after warm-up, not
 above the peak) instead of handing it back and faulting it in again.
 
-It is process-wide and applied once: by the ``vpure`` command line before any subcommand,
-and by :func:`vpure.runtime.runner.load_components` for code that embeds the runtime.
+It is process-wide and applied once: by the ``vpure`` command line before every subcommand
+but ``info`` (which reports the process as it is), and by :func:`vpure.runtime.runner.load_components` for code that embeds the runtime.
 ``VPURE_RETAIN_CPU_MEMORY=0`` in the environment turns it off. Elsewhere than glibc
 (musl, macOS, Windows) it does nothing and says so in the log.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import threading
 
@@ -40,6 +41,7 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
+@functools.cache  # find_library may run ldconfig: once per process
 def _glibc():
     name = ctypes.util.find_library("c")
     if name is None:
@@ -82,5 +84,5 @@ def describe() -> str:
         return "not glibc: left to the C library"
     if not read_environment().retain_cpu_memory:
         return f"glibc defaults ({ENV}=0)"
-    return "glibc; vpure commands and load_components retain freed memory (VPURE_RETAIN_CPU_MEMORY=0: off)"
+    return f"glibc; vpure commands and load_components retain freed memory ({ENV}=0: off)"
 
