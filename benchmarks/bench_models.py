@@ -6,11 +6,13 @@ channels-last convolution weights, ``--fused`` the frame classifiers and the I3D
 recognisers as loaded before (eager) against their fused oneDNN plans, ``--subpixel`` the VAE
 decoders (and the `small` UNet) with diffusers' upsample-then-convolve layers against
 :class:`SubpixelUpsample`, ``--native-attention`` PyTorch's attention kernel against the native
-small-head kernel at the `small` UNet's attention shapes; all interleaved, outputs compared.
+small-head kernel at the `small` UNet's attention shapes, ``--int8`` the frame classifiers'
+fused fp32 and bf16 plans against their int8 plan (:mod:`vpure.runtime.models.quantized`);
+all interleaved, outputs compared.
 
 Run from the repository root:
   .venv/bin/python -m benchmarks.bench_models [--tiny-only] [--conv3d] [--conv-layout] [--fused] [--subpixel]
-      [--native-attention] [--csv PATH]
+      [--native-attention] [--int8] [--csv PATH]
 """
 
 from __future__ import annotations
@@ -176,6 +178,51 @@ def bench_fused(csv_path=None, iters: int = 5) -> list:
                     csv_path, iters, 40, lambda clip: clip.shape[-1] <= 112 and clip.shape[2] <= 16)
 
 
+def bench_int8_gate(csv_path=None, iters: int = 40) -> list:
+    """Each frame classifier (the mini-world's, calibrated on its training clips; a ResNet-18 at
+    112 px, random weights, calibrated on image-like noise) through its fused fp32 plan
+    (the reference), its bf16 plan where this CPU has native bf16, and its int8 plan;
+    interleaved rounds. Parity: the int8 logits' SQNR against fp32 and the share of frames
+    whose label agrees."""
+    import copy
+
+    from vpure.runtime.miniworld.dataset import make_clip
+    from vpure.runtime.miniworld.models import load
+    from vpure.runtime.models.frame_classifier import FrameClassifier
+    from vpure.runtime.models.fused import use_fused_inference
+    from vpure.runtime.models.quantized import Int8FramePlan, int8_ops_available
+    from vpure.runtime.precision import native_bf16
+
+    if not int8_ops_available():
+        raise SystemExit("this PyTorch build lacks oneDNN's quantised convolution operators")
+    g = torch.Generator().manual_seed(0)
+    mini = load("frame_classifier").eval()
+    mini_cal = [make_clip("train", j).clip[None] for j in range(16)]
+    big = FrameClassifier(num_classes=400).eval()
+    big_cal = [torch.rand(1, 3, 8, 112, 112, generator=g) for _ in range(4)]
+    rows = []
+    for name, model, cal, clip in [
+            ("mini-world frame classifier, 16 frames 64x64", mini, mini_cal, make_clip("test", 0).clip[None]),
+            ("ResNet-18 frame classifier, 32 frames 112x112", big, big_cal, torch.rand(1, 3, 32, 112, 112, generator=g))]:
+        int8 = Int8FramePlan(model, cal)
+        use_fused_inference(model)
+        ref = _call(model, clip)
+
+        def agree(out, ref=ref):
+            sqnr = 10 * torch.log10(ref.pow(2).mean() / (out.float() - ref).pow(2).mean())
+            return f"SQNR {sqnr:.1f} dB, labels {(out.argmax(-1) == ref.argmax(-1)).float().mean():.0%}"
+
+        cases = [benchmark.Case("int8 plan", lambda p=int8, x=clip: _call(p, x), agree)]
+        if native_bf16():
+            bf16 = copy.deepcopy(model).to(torch.bfloat16)
+            use_fused_inference(bf16)
+            xb = clip.to(torch.bfloat16)
+            cases.insert(0, benchmark.Case("bf16 plan", lambda m=bf16, x=xb: _call(m, x), agree))
+        rows += benchmark.run("int8_gate", name, benchmark.Case("fp32 plan", lambda m=model, x=clip: _call(m, x)),
+                              cases, csv_path=csv_path, interleave=True, warmup=2, min_iters=iters, min_time_s=0.0)
+    return rows
+
+
 class _MemberDecode(torch.nn.Module):
     """VideoPure's decode of its members: latents (M, 4, T, h, w) through ``decode_frames``
     (on CPU a few frames per decoder call)."""
@@ -269,8 +316,13 @@ def main(argv=None) -> None:
     p.add_argument("--native-attention", action="store_true",
                    help="only the `small` UNet's attention shapes, PyTorch's kernel against the native one")
     p.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV to append rows to ('' for none)")
+    p.add_argument("--int8", action="store_true",
+                   help="only the frame classifiers' fused fp32 and bf16 plans against their int8 plan")
     args = p.parse_args(argv)
     args.csv = args.csv or None
+    if args.int8:
+        bench_int8_gate(args.csv)
+        return
     if args.native_attention:
         bench_native_attention(args.csv)
         return

@@ -1,9 +1,11 @@
 """Calibration samples for int8: drawn from declared input ranges or decoded from real clips.
 
-``CalibrationRecipe.source`` is ``"random"`` or ``"clips:<folder>"``. For clips, every video
-file PyAV decodes in the folder (sorted by name, so the sample set is reproducible) is cut
-into non-overlapping windows of the component's opt frame count at its opt spatial size;
-the windows are then turned into the component's inputs by its role:
+``CalibrationRecipe.source`` is ``"random"``, ``"clips:<folder>"`` or ``"miniworld"``. For
+clips, every video file PyAV decodes in the folder (sorted by name, so the sample set is
+reproducible) is cut into non-overlapping windows of the component's opt frame count at its
+opt spatial size; ``"miniworld"`` takes the mini-world's training clips in order instead
+(rendered from their seeds, cut to the opt frame count and resized to the opt size where
+those differ). The windows are then turned into the component's inputs by its role:
 
 - recogniser, frame classifier, ComDefend, VAE encoder: the clip itself, (B, 3, T, H, W) in [0, 1];
 - flow: consecutive frame pairs, (B, 3, H, W) each;
@@ -65,6 +67,22 @@ def _clip_windows(folder: Path, frames: int, size: int, count: int, skip: int = 
         raise ArtifactError(f"no {frames}-frame window could be decoded from the videos in {folder}")
 
 
+def _miniworld_windows(frames: int, size: int, count: int, skip: int = 0) -> Iterator[torch.Tensor]:
+    """The first ``frames`` frames of mini-world training clips ``skip``, ``skip + 1``, ...:
+    ``count`` clips (3, frames, size, size) in [0, 1]."""
+    from vpure.runtime.miniworld.dataset import WorldConfig, make_clip
+
+    if frames > WorldConfig().frames:
+        raise ArtifactError(f"miniworld calibration clips have {WorldConfig().frames} frames, the component "
+                            f"takes {frames}")
+    for i in range(skip, skip + count):
+        clip = make_clip("train", i).clip[:, :frames]
+        if clip.shape[-1] != size:
+            clip = torch.nn.functional.interpolate(clip.transpose(0, 1), size=(size, size), mode="bilinear",
+                                                   antialias=True, align_corners=False).transpose(0, 1).clamp(0, 1)
+        yield clip.contiguous()
+
+
 def _sizes(spec: ComponentSpec) -> tuple[int, int]:
     dims = spec.dims("opt")
     t = int(dims.get("T", 2))
@@ -81,7 +99,6 @@ def clip_batches(spec: ComponentSpec, recipe: CalibrationRecipe, companions: Map
                  skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """``recipe.count`` input dicts for ``spec`` built from the clips of ``recipe.source``
     (after ``skip`` windows)."""
-    folder = Path(recipe.source.partition(":")[2]).expanduser()
     role = Role(spec.role)
     encoder = (companions or {}).get("vae_encoder")
     if role in LATENT_ROLES and encoder is None:
@@ -89,7 +106,9 @@ def clip_batches(spec: ComponentSpec, recipe: CalibrationRecipe, companions: Map
                             f"vae_encoder in the same command or use source='random'")
     frames, size = _sizes(spec)
     gen = torch.Generator().manual_seed(recipe.seed)
-    for clip in _clip_windows(folder, frames, size, recipe.count, skip):
+    windows = (_miniworld_windows(frames, size, recipe.count, skip) if recipe.source == "miniworld" else
+               _clip_windows(Path(recipe.source.partition(":")[2]).expanduser(), frames, size, recipe.count, skip))
+    for clip in windows:
         x = clip.unsqueeze(0)
         if role in PIXEL_ROLES:
             yield {spec.inputs[0].name: x.numpy()}

@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
                    help="checkpoint for a non-diffusion component (repeatable)")
     p.add_argument("--calibration", default="random", metavar="SOURCE",
-                   help="int8 calibration samples: 'random' (declared input ranges) or 'clips:DIR' (videos in DIR)")
+                   help="int8 calibration samples: 'random' (declared input ranges), 'clips:DIR' (videos in DIR) "
+                        "or 'miniworld' (the mini-world's training clips)")
     p.add_argument("--calib-count", type=int, default=16, help="int8 calibration sample count (default 16)")
     p.add_argument("--calib-method", default="minmax", choices=("minmax", "entropy", "percentile"))
     p.add_argument("--int8-full-range", action="store_true",

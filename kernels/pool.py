@@ -7,7 +7,8 @@ inside the map (PyTorch's ``max_pool2d`` with ``ceil_mode=False``, dilation 1: i
 (no temporal padding). oneDNN's convolutions leave their outputs channels-last; PyTorch's
 CPU kernels on such a map also write argmax indices that inference never reads. The native
 kernel (``kernels/src/pool.cpp``) keeps a running maximum over the contiguous channels of
-each window's pixels. fp32 or bf16; no autograd (inference only: ``"auto"`` gives a tensor
+each window's pixels. fp32, bf16 or uint8 (an int8 plan's activation codes, pooled exactly
+since per-tensor quantisation is monotonic); no autograd (inference only: ``"auto"`` gives a tensor
 that needs gradients to PyTorch).
 """
 
@@ -19,18 +20,26 @@ import torch.nn.functional as F
 from ._dispatch import native, resolve
 from .errors import KernelError, KernelUnavailable
 
-_DTYPES = (torch.float32, torch.bfloat16)
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2}  # the native entry's dtype codes
 
 
 def max_pool2d_ref(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
     """float64 oracle: PyTorch's max_pool2d on a float64 copy, returned in ``x``'s dtype."""
-    return F.max_pool2d(x.double(), kernel, stride, padding).to(x.dtype)
+    return F.max_pool2d(x.double(), kernel, stride, padding).to(x.dtype)  # exact for uint8 too
 
 
 def max_pool3d_ref(x: torch.Tensor, kernel: tuple[int, int, int], stride: tuple[int, int, int],
                    padding: tuple[int, int, int]) -> torch.Tensor:
     """float64 oracle: PyTorch's max_pool3d on a float64 copy, returned in ``x``'s dtype."""
     return F.max_pool3d(x.double(), kernel, stride, padding).to(x.dtype)
+
+
+def _torch(pool, x: torch.Tensor, *args) -> torch.Tensor:
+    """PyTorch's pool; uint8 through fp32 (exact), since PyTorch 2.13's integer CPU max-pool on
+    a channels-last map fails its own index-width check (its integer_t is the element type)."""
+    if x.dtype == torch.uint8:
+        return pool(x.float(), *args).to(torch.uint8)
+    return pool(x, *args)
 
 
 def _check(x: torch.Tensor, kt: int, st: int, k: int, s: int, p: int, ndim: int, name: str) -> None:
@@ -59,7 +68,7 @@ def _square(name: str, kernel, stride, padding) -> tuple[int, int, int, int, int
 
 
 def native_applies(x: torch.Tensor) -> bool:
-    """Whether ``"auto"`` runs the native kernel on ``x``: a CPU fp32/bf16 (N, C, H, W) or
+    """Whether ``"auto"`` runs the native kernel on ``x``: a CPU fp32/bf16/uint8 (N, C, H, W) or
     (N, C, T, H, W) map in channels-last memory that needs no gradient, with the extension
     built."""
     layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.ndim)
@@ -73,29 +82,29 @@ def _native(x: torch.Tensor, kt: int, st: int, k: int, s: int, p: int, portable:
     if mod is None:
         raise KernelUnavailable(f"{name}: the native extension is not built")
     if x.device.type != "cpu" or x.dtype not in _DTYPES:
-        raise KernelError(f"{name}: the native kernel takes CPU float32/bfloat16, got {x.dtype} on {x.device}")
+        raise KernelError(f"{name}: the native kernel takes CPU float32/bfloat16/uint8, got {x.dtype} on {x.device}")
     three_d = x.ndim == 5
     x = x.contiguous(memory_format=torch.channels_last_3d if three_d else torch.channels_last)
     n, c, t, h, w = x.shape if three_d else (x.shape[0], x.shape[1], 1, *x.shape[2:])
     ot, oh, ow = (t - kt) // st + 1, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
     y = torch.empty((n, c, ot, oh, ow) if three_d else (n, c, oh, ow), dtype=x.dtype,
                     memory_format=torch.channels_last_3d if three_d else torch.channels_last)
-    mod.max_pool_ndhwc(x.dtype == torch.bfloat16, x.data_ptr(), y.data_ptr(), n, t, h, w, c, kt, st, k, s, p,
+    mod.max_pool_ndhwc(_DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), n, t, h, w, c, kt, st, k, s, p,
                        portable)
     return y
 
 
 def max_pool2d_native(x: torch.Tensor, kernel: int, stride: int, padding: int, *,
                       portable: bool = False) -> torch.Tensor:
-    """The native kernel on an (N, C, H, W) map (made channels-last if it is not), CPU fp32
-    or bf16; output channels-last. ``portable`` forces the baseline (non-AVX2) copy (tests)."""
+    """The native kernel on an (N, C, H, W) map (made channels-last if it is not), CPU fp32,
+    bf16 or uint8; output channels-last. ``portable`` forces the baseline (non-AVX2) copy (tests)."""
     _check(x, 1, 1, kernel, stride, padding, 4, "max_pool2d")
     return _native(x, 1, 1, kernel, stride, padding, portable, "max_pool2d")
 
 
 def max_pool3d_native(x: torch.Tensor, kernel, stride, padding, *, portable: bool = False) -> torch.Tensor:
     """The native kernel on an (N, C, T, H, W) map (made channels-last-3d if it is not), CPU
-    fp32 or bf16, square spatial windows, no temporal padding; output channels-last-3d."""
+    fp32, bf16 or uint8, square spatial windows, no temporal padding; output channels-last-3d."""
     kt, st, k, s, p = _square("max_pool3d", kernel, stride, padding)
     _check(x, kt, st, k, s, p, 5, "max_pool3d")
     return _native(x, kt, st, k, s, p, portable, "max_pool3d")
@@ -115,7 +124,7 @@ def max_pool2d(x: torch.Tensor, kernel: int, stride: int, padding: int = 0, impl
     if impl == "native":
         return _native(x, 1, 1, kernel, stride, padding, False, "max_pool2d")
     if impl == "torch":
-        return F.max_pool2d(x, kernel, stride, padding)
+        return _torch(F.max_pool2d, x, kernel, stride, padding)
     return max_pool2d_ref(x, kernel, stride, padding)
 
 
@@ -133,5 +142,5 @@ def max_pool3d(x: torch.Tensor, kernel, stride, padding=(0, 0, 0), impl: str = "
     if impl == "native":
         return _native(x, kt, st, k, s, p, False, "max_pool3d")
     if impl == "torch":
-        return F.max_pool3d(x, kernel, stride, padding)
+        return _torch(F.max_pool3d, x, kernel, stride, padding)
     return max_pool3d_ref(x, kernel, stride, padding)

@@ -296,11 +296,18 @@ def bench_clean_route(iters: int = 20, csv_path: str | Path | None = None, weigh
 
 def clean_route_precisions(precisions: tuple[str, ...] | None) -> tuple[str, ...]:
     """The torch CPU precisions of ``precisions`` (default fp32 and bf16) that the clean-route
-    benchmarks time: bf16 only where this CPU runs it natively (else skipped, with a warning)."""
-    wanted = [p for p in (precisions or ("fp32", "bf16")) if p in ("fp32", "bf16")]
+    benchmarks time: bf16 only where this CPU runs it natively, int8 (the gate's oneDNN plan,
+    :mod:`vpure.runtime.models.quantized`) where PyTorch has those operators (else skipped,
+    with a warning)."""
+    from .models.quantized import int8_ops_available
+
+    wanted = [p for p in (precisions or ("fp32", "bf16")) if p in ("fp32", "bf16", "int8")]
     if "bf16" in wanted and not native_bf16():
         log.warning("clean route in bf16 skipped: %s", EMULATED_BF16)
         wanted.remove("bf16")
+    if "int8" in wanted and not int8_ops_available():
+        log.warning("clean route with an int8 gate skipped: this PyTorch lacks oneDNN's quantised convolutions")
+        wanted.remove("int8")
     return tuple(wanted)
 
 
@@ -312,9 +319,10 @@ def _time_clean_route(config: str, x: torch.Tensor, recognizer, gate, make_shiel
     than the defence runs (each window labels its new frames), and a live source (the
     window's new frames but the last labelled while waiting for it, untimed: ``Runner``'s
     gate_ahead). ``recognizer`` and ``gate`` are (fp32 module, registry name). One interleaved
-    run per recogniser precision of :func:`clean_route_precisions`, the gate at that
-    precision and, in front of an fp32 recogniser, at every other one too (a gate only
-    labels frames, so a bf16 gate may well serve an fp32 recogniser); rows of all runs."""
+    run per recogniser precision of :func:`clean_route_precisions` (int8 is the gate's
+    alone), the gate at that precision and int8, and in front of an fp32 recogniser at every
+    other one too (a gate only labels frames, so a bf16 or int8 gate may well serve an fp32
+    recogniser); rows of all runs."""
     from .runner import CachedFrameLogits
 
     precisions = clean_route_precisions(precisions)
@@ -359,14 +367,14 @@ def _time_clean_route(config: str, x: torch.Tensor, recognizer, gate, make_shiel
 
     rows = []
     gate_at = {p: _torch_at(*gate, p) for p in precisions}  # each precision's gate built once
-    for rec_precision in precisions:
+    for rec_precision in (p for p in precisions if p != "int8"):  # int8: the gate's only
         rec_net = _torch_at(*recognizer, rec_precision)
 
         def alone():
             with torch.inference_mode():
                 return rec_net(x).argmax(-1)
 
-        gates = [p for p in precisions if p == rec_precision or rec_precision == "fp32"]
+        gates = [p for p in precisions if p in (rec_precision, "int8") or rec_precision == "fp32"]
         runs = [cases(gate_at[p], rec_net, "" if p == "fp32" else f", gate {p}") for p in gates]
         name = "recogniser alone" if rec_precision == "fp32" else f"recogniser alone, {rec_precision}"
         rows += benchmark.run("e2e-clean-route", config, benchmark.Case(name, alone), [c for r in runs for c in r],

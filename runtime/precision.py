@@ -78,8 +78,10 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 class CalibrationRecipe(ConfigBase):
     """How int8 scales were measured; its ``id`` goes into engine names and sidecars.
 
-    ``source`` is ``"random"`` (samples drawn from each input's declared range) or
-    ``"clips:<folder>"`` (decoded clips from a folder).
+    ``source`` is ``"random"`` (samples drawn from each input's declared range),
+    ``"clips:<folder>"`` (decoded clips from a folder) or ``"miniworld"`` (the mini-world's
+    training clips, rendered from their seeds: the calibration of the embedded default models,
+    which needs no files).
 
     ``reduce_range`` quantises weights to 7 bits. x86 int8 kernels without VNNI (AVX2, and
     AVX-512 before VNNI) multiply u8 activations by s8 weights in 16-bit pair sums, which
@@ -100,8 +102,8 @@ class CalibrationRecipe(ConfigBase):
         check(self.count >= 1, f"CalibrationRecipe.count must be >= 1, got {self.count}")
         check(self.method in CALIBRATION_METHODS, f"CalibrationRecipe.method {self.method!r} is not one of {CALIBRATION_METHODS}")
         check(0.0 < self.percentile <= 100.0, f"CalibrationRecipe.percentile must be in (0, 100], got {self.percentile}")
-        check(self.source == "random" or self.source.startswith("clips:"),
-              f"CalibrationRecipe.source {self.source!r} must be 'random' or 'clips:<folder>'")
+        check(self.source in ("random", "miniworld") or self.source.startswith("clips:"),
+              f"CalibrationRecipe.source {self.source!r} must be 'random', 'miniworld' or 'clips:<folder>'")
 
     @property
     def id(self) -> str:

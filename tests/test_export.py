@@ -12,7 +12,7 @@ import torch
 from vpure.export import export_component
 from vpure.runtime import artifacts, registry
 from vpure.runtime.backends import create_backend
-from vpure.runtime.errors import ArtifactError, InputError
+from vpure.runtime.errors import ArtifactError, ConfigError, InputError
 from vpure.runtime.precision import Precision
 from vpure.runtime.runconfig import ComponentChoice
 
@@ -216,6 +216,25 @@ def test_clip_calibration_samples_and_refusals(tmp_path, data_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ArtifactError, match="holds no video files"):
         next(calibration_batches(fc, CalibrationRecipe(source=f"clips:{tmp_path / 'empty'}")))
+
+
+def test_miniworld_calibration_samples():
+    from vpure.export.calibration import calibration_batches, parity_batches
+    from vpure.runtime.miniworld.dataset import make_clip
+    from vpure.runtime.precision import CalibrationRecipe
+
+    fc = registry.get("frame_classifier")  # opt: 4 frames at 64 px, the mini-world's size
+    recipe = CalibrationRecipe(source="miniworld", count=3)
+    batches = list(calibration_batches(fc, recipe))
+    assert len(batches) == 3 and batches[0]["frames"].shape == (1, 3, 4, 64, 64)
+    assert (batches[1]["frames"] == make_clip("train", 1).clip[None, :, :4].numpy()).all()
+    held = parity_batches(fc, recipe)[0]["frames"]  # training clips after the calibration ones
+    assert torch.equal(held, make_clip("train", 3).clip[None, :, :4])
+    flow = registry.get("raft")  # opt 128 px: the clips resized
+    pair = next(calibration_batches(flow, recipe))
+    assert pair["image1"].shape == (1, 3, 128, 128) and 0 <= pair["image1"].min() and pair["image1"].max() <= 1
+    with pytest.raises(ConfigError, match="'miniworld'"):
+        CalibrationRecipe(source="mini")
 
 
 def test_io_binding_outputs_copied_unless_reuse_requested(engines):

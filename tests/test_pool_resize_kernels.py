@@ -19,13 +19,19 @@ pytestmark = pytest.mark.skipif(native() is None, reason="the native extension i
 COPIES = [pytest.param(True, id="portable"), pytest.param(False, id="dispatched")]
 
 
+def _values(shape, dtype, g):
+    if dtype == torch.uint8:  # an int8 plan's activation codes: every byte value
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
 def _map(n, c, h, w, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, c, h, w, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    return _values((n, c, h, w), dtype, g).contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("portable", COPIES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
 @pytest.mark.parametrize("n,c,h,w,k,s,p", [(2, 64, 56, 56, 3, 2, 1), (1, 3, 7, 9, 3, 2, 1), (3, 17, 11, 6, 2, 2, 0),
                                            (1, 5, 5, 5, 3, 1, 1), (2, 33, 13, 10, 5, 3, 2)])
 def test_max_pool_equals_the_oracle_exactly(portable, dtype, n, c, h, w, k, s, p):
@@ -34,7 +40,7 @@ def test_max_pool_equals_the_oracle_exactly(portable, dtype, n, c, h, w, k, s, p
     want = max_pool2d_ref(x, k, s, p)
     assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(got, want), f"max abs err {(got.double() - want.double()).abs().max()}"  # a max is exact
-    assert torch.equal(got, F.max_pool2d(x, k, s, p))
+    assert torch.equal(got, max_pool2d(x, k, s, p, impl="torch"))
 
 
 @pytest.mark.parametrize("portable", COPIES)
@@ -60,25 +66,25 @@ def test_max_pool_auto_dispatch_and_bad_input():
         max_pool2d(x[0], 3, 2, 1)
     with pytest.raises(KernelError, match="does not fit"):
         max_pool2d(_map(1, 2, 2, 2, torch.float32), 5, 1, 1)
-    with pytest.raises(KernelError, match="float32/bfloat16"):
+    with pytest.raises(KernelError, match="float32/bfloat16/uint8"):
         max_pool2d_native(x.double(), 3, 2, 1)
     with pytest.raises(KernelUnavailable):
         max_pool2d(x, 3, 2, 1, impl="triton")
 
 
 @pytest.mark.parametrize("portable", COPIES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
 @pytest.mark.parametrize("shape,kernel,stride,padding", [
     ((1, 64, 16, 28, 28), (1, 3, 3), (2, 2, 2), (0, 1, 1)),  # an I3D stem pool
     ((2, 24, 8, 7, 9), (2, 1, 1), (2, 1, 1), (0, 0, 0)),  # an I3D pool2
     ((1, 5, 7, 6, 5), (3, 3, 3), (2, 1, 1), (0, 1, 1)), ((2, 3, 5, 9, 8), (2, 2, 2), (1, 3, 3), (0, 1, 1))])
 def test_max_pool3d_equals_the_oracle_exactly(portable, dtype, shape, kernel, stride, padding):
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(*shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    x = _values(shape, dtype, g).contiguous(memory_format=torch.channels_last_3d)
     got = max_pool3d_native(x, kernel, stride, padding, portable=portable)
     assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last_3d)
     assert torch.equal(got, max_pool3d_ref(x, kernel, stride, padding))
-    assert torch.equal(got, F.max_pool3d(x, kernel, stride, padding))
+    assert torch.equal(got, max_pool3d(x, kernel, stride, padding, impl="torch"))
     assert torch.equal(max_pool3d(x, kernel, stride, padding), got)  # auto: native on this layout
 
 

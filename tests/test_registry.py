@@ -80,5 +80,5 @@ def test_unknown_component_and_backend():
     with pytest.raises(UnknownComponent, match="no component named 'i3d_xl'"):
         registry.get("i3d_xl")
     spec = registry.get("comdefend")
-    with pytest.raises(BackendUnavailable, match="does not run int8"):
+    with pytest.raises(BackendUnavailable, match="runs int8 only for the frame classifier"):
         create_backend(spec, ComponentChoice(precision="int8"), module=spec.build())

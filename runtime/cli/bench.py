@@ -9,7 +9,8 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", default="tiny,small", help="tiny, small, modelscope (CUDA only); comma-separated")
     p.add_argument("--backends", default="torch", help="torch, onnxruntime; comma-separated")
-    p.add_argument("--precisions", default="fp32,bf16,fp16", help="fp32, bf16 (CPU), fp16 (CUDA), int8 (onnxruntime)")
+    p.add_argument("--precisions", default="fp32,bf16,fp16", help="fp32, bf16 (CPU), fp16 (CUDA), int8 (onnxruntime; the clean "
+                   "route's gate: torch)")
     p.add_argument("--iters", type=int, default=3, help="timed runs per case after one warm-up (default 3)")
     p.add_argument("--video", type=Path, default=None, help="clip to decode (default: a mini-world clip, encoded)")
     p.add_argument("--engines", type=Path, default=None, help="artefact cache for onnxruntime cases")
@@ -21,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time the Shield's clean route against the recogniser alone, for an isolated "
                         "clip, a file stream and a live stream (mini-world models, and I3D-R50 with a "
                         "ResNet-18 gate at deployment scale), at --precisions' fp32 and bf16 (a bf16 gate also "
-                        "in front of the fp32 recogniser)")
+                        "in front of the fp32 recogniser), and with an int8 gate (torch's oneDNN plan) in front "
+                        "of the fp32 recogniser where --precisions names int8")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as e:
             skipped.append(f"{name}: {e}")
     if args.clean_route:
-        precisions = tuple(args.precisions.split(","))  # the torch CPU ones: fp32, and bf16 where native
+        precisions = tuple(args.precisions.split(","))  # the torch CPU ones: fp32, bf16 where native, int8 gates
         bench_clean_route(csv_path=csv, precisions=precisions)
         bench_clean_route_deploy(csv_path=csv, precisions=precisions)
     if results:

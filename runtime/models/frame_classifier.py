@@ -13,6 +13,7 @@ from torch import nn
 from ..registry import ComponentSpec, Role, TensorSpec, register
 from .fused import FramePlan, FusedInference
 from .layout import frames_to_batch
+from .quantized import Int8FramePlan
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,6 +41,7 @@ class FrameClassifier(FusedInference, nn.Module):
     """frames (B, 3, T, H, W) in [0, 1] -> per-frame logits (B, T, num_classes)."""
 
     plan_type = FramePlan
+    int8_plan_type = Int8FramePlan  # the torch backend's int8
 
     def __init__(self, num_classes: int, widths=(64, 128, 256, 512), depths=(2, 2, 2, 2),
                  stem_width: int = 64, mean=IMAGENET_MEAN, std=IMAGENET_STD, stem_pool: bool = True):
