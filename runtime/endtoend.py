@@ -384,16 +384,18 @@ def _time_clean_route(config: str, x: torch.Tensor, recognizer, gate, make_shiel
 
 def _torch_at(module: torch.nn.Module, registry_name: str, precision: str):
     """``module`` itself for fp32, else a copy served at ``precision`` by the torch backend
-    (as ``vpure run`` serves a component whose config names that precision)."""
+    (as ``vpure run`` serves a component whose config names that precision; int8 calibrated
+    on mini-world training clips, image-like whatever the model)."""
     if precision == "fp32":
         return module
     from . import registry
     from .backends import as_module_call, create_backend
-    from .precision import Precision
+    from .precision import CalibrationRecipe, Precision
     from .runconfig import ComponentChoice
 
-    return as_module_call(create_backend(registry.get(registry_name), ComponentChoice(precision=Precision(precision)),
-                                         module=copy.deepcopy(module)))
+    choice = ComponentChoice(precision=Precision(precision),
+                             calibration=CalibrationRecipe(source="miniworld") if precision == "int8" else None)
+    return as_module_call(create_backend(registry.get(registry_name), choice, module=copy.deepcopy(module)))
 
 
 def bench_clean_route_deploy(iters: int = 5, frames: int = 32, size: int = 224, gate_size: int = 112,

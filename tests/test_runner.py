@@ -425,9 +425,13 @@ def test_benchmark_rows_name_a_dirty_checkout(tmp_path):
 def test_deployment_scale_clean_route_benchmark_runs(tmp_path):
     from vpure.runtime.endtoend import bench_clean_route_deploy
 
+    from vpure.runtime.models.quantized import int8_ops_available
+
     rows = bench_clean_route_deploy(iters=1, frames=8, size=64, gate_size=32, csv_path=tmp_path / "r.csv",
-                                    precisions=("fp32", "fp16"))  # fp16 is not a CPU precision: left out
-    assert [r.parity for r in rows[1:]] == ["same label"] * 3
+                                    precisions=("fp32", "int8", "fp16"))  # fp16 is not a CPU precision: left out
+    int8 = int8_ops_available()  # an int8 gate in front of the fp32 recogniser, where oneDNN has int8
+    assert [r.parity for r in rows[1:]] == ["same label"] * (3 + 3 * int8)
+    assert [r.case.endswith(", gate int8") for r in rows[1:]] == [False] * 3 + [True] * (3 * int8)
 
 
 def test_emulated_bf16_is_skipped_by_the_benchmark_and_warned_by_the_torch_backend(monkeypatch, caplog):
