@@ -189,7 +189,7 @@ def test_int8_calibrated_from_real_clips(tmp_path, data_dir):
 
 
 def test_clip_calibration_samples_and_refusals(tmp_path, data_dir):
-    from vpure.export.calibration import calibration_batches, parity_batches
+    from vpure.runtime.calibration_samples import calibration_batches, parity_batches
     from vpure.runtime.precision import CalibrationRecipe
 
     unet = registry.get("unet")
@@ -219,7 +219,7 @@ def test_clip_calibration_samples_and_refusals(tmp_path, data_dir):
 
 
 def test_miniworld_calibration_samples():
-    from vpure.export.calibration import calibration_batches, parity_batches
+    from vpure.runtime.calibration_samples import calibration_batches, parity_batches
     from vpure.runtime.miniworld.dataset import make_clip
     from vpure.runtime.precision import CalibrationRecipe
 

@@ -1,4 +1,5 @@
-"""Calibration samples for int8: drawn from declared input ranges or decoded from real clips.
+"""int8 calibration samples, for ONNX Runtime artefacts and the torch backend's int8 plans:
+drawn from declared input ranges, decoded from real clips or rendered from the mini-world.
 
 ``CalibrationRecipe.source`` is ``"random"``, ``"clips:<folder>"`` or ``"miniworld"``. For
 clips, every video file PyAV decodes in the folder (sorted by name, so the sample set is
