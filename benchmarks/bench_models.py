@@ -203,7 +203,8 @@ def bench_int8_gate(csv_path=None, iters: int = 40) -> list:
     rows = []
     for name, model, cal, clip in [
             ("mini-world frame classifier, 16 frames 64x64", mini, mini_cal, make_clip("test", 0).clip[None]),
-            ("ResNet-18 frame classifier, 32 frames 112x112", big, big_cal, torch.rand(1, 3, 32, 112, 112, generator=g))]:
+            ("ResNet-18 frame classifier, 32 frames 112x112", big, big_cal,
+             torch.rand(1, 3, 32, 112, 112, generator=g))]:
         int8 = Int8FramePlan(model, cal)
         use_fused_inference(model)
         ref = _call(model, clip)

@@ -64,13 +64,13 @@ def test_a_compiler_failure_is_a_backend_error_naming_the_component(monkeypatch,
     import torch._inductor.config as inductor_config
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # nothing cached: the C++ compiler is needed
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
     torch._dynamo.reset()
     unet, spec, z, t = _tiny_unet_call()
     backend = create_backend(spec, ComponentChoice(compile=True), module=unet)
-    with pytest.raises(BackendUnavailable, match=r"component 'unet': torch.compile could not compile it.*"
-                                                 r"compile = false"):
+    # Inductor's own patch (monkeypatch's undo of its config left fx_graph_cache unset for later tests)
+    with inductor_config.patch({"fx_graph_cache": False, "cpp.cxx": ("/nonexistent/c++",)}), \
+            pytest.raises(BackendUnavailable, match=r"component 'unet': torch.compile could not compile it.*"
+                                                    r"compile = false"):
         backend(**dict(zip(spec.input_names, (z, t))))
     torch._dynamo.reset()
 

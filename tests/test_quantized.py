@@ -17,8 +17,8 @@ from vpure.runtime.runconfig import ComponentChoice
 
 from test_fused import _trained_looking
 
-pytestmark = pytest.mark.skipif(not int8_ops_available(),
-                                reason="needs PyTorch's oneDNN quantised convolutions (torch.ops.onednn.qconv2d_pointwise)")
+pytestmark = pytest.mark.skipif(
+    not int8_ops_available(), reason="needs PyTorch's oneDNN quantised convolutions (torch.ops.onednn.qconv2d_pointwise)")
 
 ARCHS = [dict(num_classes=5, widths=(8, 16, 24), depths=(1, 2, 1), stem_width=8, stem_pool=False),
          dict(num_classes=7, widths=(16, 32), depths=(2, 1), stem_width=16, stem_pool=True)]

@@ -212,15 +212,7 @@ void attention_avx512(const Problem& p) {
 #pragma GCC pop_options
 #endif
 
-bool cpu_has_avx512() {
-#ifdef VPURE_X86
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
+bool cpu_has_avx512() { return vpure::cpu_has_avx512(); }
 
 template <typename T, int D>
 void run(const Problem& p, bool portable) {

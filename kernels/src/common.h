@@ -36,4 +36,15 @@ inline bool cpu_has_avx2() {
 #endif
 }
 
+// The AVX-512 subset the AVX-512 kernel copies are compiled for (F, DQ, BW, VL) and FMA.
+inline bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
 }  // namespace vpure

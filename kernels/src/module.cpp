@@ -12,6 +12,7 @@ void register_warp_l1(nb::module_ &m);
 void register_attention(nb::module_ &m);
 void register_pool(nb::module_ &m);
 void register_resize(nb::module_ &m);
+void register_group_norm(nb::module_ &m);
 
 NB_MODULE(_native, m) {
   m.doc() = "vpure native CPU kernels";
@@ -36,4 +37,5 @@ NB_MODULE(_native, m) {
   register_attention(m);
   register_pool(m);
   register_resize(m);
+  register_group_norm(m);
 }

@@ -48,10 +48,13 @@ def compile_for_inference(module: nn.Module) -> nn.Module:
     frozen into the graph as constants (Inductor's ``freezing``: folded, and on CPU prepacked
     for oneDNN's convolution and matmul kernels, AMX where the CPU has it). The eager
     rewrites above are for eager calls; a compiled module should get the original layers
-    (Inductor fuses diffusers' own graph better than the rewritten one), with one exception:
-    attention layers with 8-, 16- or 32-wide heads get the native small-head kernel where
-    its AVX-512 copy runs (:func:`~.diffusion.use_native_attention`, one custom op in the
-    graph instead of PyTorch's flash kernel; ``bench_models --native-attention``).
+    (Inductor fuses diffusers' own graph better than the rewritten one), with two exceptions
+    on CPU: attention layers with 8-, 16- or 32-wide heads get the native small-head kernel
+    where its AVX-512 copy runs (:func:`~.diffusion.use_native_attention`, one custom op in
+    the graph instead of PyTorch's flash kernel; ``bench_models --native-attention``), and
+    the VAE's group norms and the SiLU after each become the native group-norm kernel
+    (:func:`~.diffusion.use_native_group_norm`; Inductor's own kernel for them on
+    channels-last maps was two thirds of a compiled `small` decode).
 
     Compilation happens on the first call of each input shape and takes minutes for a UNet
     on a small CPU (a C++ compiler is needed on CPU, Triton on CUDA); later calls reuse it.
@@ -65,11 +68,12 @@ def compile_for_inference(module: nn.Module) -> nn.Module:
     wrapper."""
     import torch
 
-    from .diffusion import use_native_attention
+    from .diffusion import use_native_attention, use_native_group_norm
 
     module.requires_grad_(False)
     if all(p.device.type == "cpu" for p in module.parameters()):
         use_native_attention(module)
+        use_native_group_norm(module)
     _quiet_diffusers_logging_under_dynamo()
     return torch.compile(module, dynamic=False, options={"freezing": True, "guard_filter_fn": _frozen_module_guards})
 

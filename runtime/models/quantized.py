@@ -125,8 +125,9 @@ class QConv:
         with self.lock:
             packed = self.packed.pop(key, None)
             if packed is None:
-                packed = torch.ops.onednn.qconv_prepack(self.w_int8, self.w_scale, self.x_q.scale, self.x_q.zero_point,
-                                                        self.stride, self.padding, self.dilation, self.groups, list(key))
+                packed = torch.ops.onednn.qconv_prepack(self.w_int8, self.w_scale, self.x_q.scale,
+                                                        self.x_q.zero_point, self.stride, self.padding,
+                                                        self.dilation, self.groups, list(key))
                 if len(self.packed) >= self.SHAPES:
                     self.packed.pop(next(iter(self.packed)))  # the least recently used
             self.packed[key] = packed
