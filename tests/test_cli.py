@@ -18,6 +18,7 @@ def test_info_json_reports_native(tmp_path):
     assert {c["name"] for c in info["components"]} >= {"unet", "vae_encoder", "vae_decoder"}
     assert "torch" in info["packages"]
     assert info["cpu"]["threads"] >= 1 and isinstance(info["cpu"]["native_bf16"], bool) and info["cpu"]["machine"]
+    assert isinstance(info["cpu"]["torch_int8"], bool) and isinstance(info["cpu"]["int8_vnni"], bool)
     assert "retained (" not in info["cpu"]["memory"]  # info reports the process as it is, applying nothing
 
 

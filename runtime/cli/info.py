@@ -46,7 +46,8 @@ def collect() -> dict[str, Any]:
     from vpure.runtime.backends import backend_names
     from vpure.runtime.benchmark import machine_id
     from vpure.runtime.env import read_environment
-    from vpure.runtime.precision import native_bf16
+    from vpure.runtime.models.quantized import int8_ops_available
+    from vpure.runtime.precision import native_bf16, x86_without_vnni
 
     cuda = torch.cuda.is_available()
     native = kernels.native()
@@ -56,6 +57,7 @@ def collect() -> dict[str, Any]:
         "platform": platform.platform(),
         "packages": {p: v for p in _PACKAGES if (v := package_version(p)) is not None},
         "cpu": {"machine": machine_id(), "threads": torch.get_num_threads(), "native_bf16": native_bf16(),
+                "torch_int8": int8_ops_available(), "int8_vnni": not x86_without_vnni(),
                 "memory": memory.describe()},
         "cuda": {"available": cuda, "torch_cuda": torch.version.cuda,
                  "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []},
@@ -82,7 +84,8 @@ def render(info: dict[str, Any]) -> str:
     lines += [f"  {k:<24} {v}" for k, v in info["packages"].items()]
     cpu = info["cpu"]
     lines += ["", f"cpu: {cpu['machine']}, torch threads {cpu['threads']}, bf16 "
-                  f"{'native' if cpu['native_bf16'] else 'emulated (choose fp32 on this CPU)'}",
+                  f"{'native' if cpu['native_bf16'] else 'emulated (choose fp32 on this CPU)'}, torch int8 "
+                  f"{('yes' + ('' if cpu['int8_vnni'] else ' (no VNNI: 7-bit weights)')) if cpu['torch_int8'] else 'no'}",
               f"cpu memory: {cpu['memory']}"]
     cuda = info["cuda"]
     lines += ["", f"cuda: {'yes ' + ', '.join(cuda['devices']) if cuda['available'] else 'no'}"

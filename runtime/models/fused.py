@@ -62,6 +62,34 @@ def _fold(conv: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return weight.to(dtype).contiguous(), bias.to(dtype).contiguous()
 
 
+class PerShape:
+    """``make(shape)`` kept for the last ``size`` input shapes seen (the least recently used
+    dropped first), behind one lock since a plan may serve several threads; iterates over
+    its shapes, least recent first."""
+
+    def __init__(self, size: int, make):
+        self.size, self.make = size, make
+        self.values: dict[tuple[int, ...], torch.Tensor] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, shape: torch.Size) -> torch.Tensor:
+        key = tuple(shape)
+        with self.lock:
+            value = self.values.pop(key, None)
+            if value is None:
+                value = self.make(key)
+                if len(self.values) >= self.size:
+                    self.values.pop(next(iter(self.values)))
+            self.values[key] = value
+        return value
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __iter__(self):
+        return iter(list(self.values))
+
+
 class FusedConv:
     """``post(bn(conv(x)))`` for fp32 or bf16 CPU inputs of a ``Conv2d`` or ``Conv3d`` as one oneDNN
     convolution; ``post`` is ``"relu"`` or ``"none"``, or, when called with ``residual``,
@@ -80,25 +108,13 @@ class FusedConv:
         self.dense_weight, self.bias = _fold(conv, bn)
         self.padding, self.stride = list(conv.padding), list(conv.stride)
         self.dilation, self.groups, self.post = list(conv.dilation), conv.groups, post
-        self.packed: dict[tuple[int, ...], torch.Tensor] = {}
-        self.reorder = (torch._C._nn.mkldnn_reorder_conv2d_weight if conv.weight.ndim == 4
-                        else torch._C._nn.mkldnn_reorder_conv3d_weight)
-        self.lock = threading.Lock()  # one plan may serve several threads
-
-    def weight_for(self, shape: torch.Size) -> torch.Tensor:
-        key = tuple(shape)
-        with self.lock:
-            weight = self.packed.pop(key, None)
-            if weight is None:
-                weight = self.reorder(self.dense_weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups,
-                                      list(key))
-                if len(self.packed) >= self.SHAPES:
-                    self.packed.pop(next(iter(self.packed)))  # the least recently used
-            self.packed[key] = weight
-        return weight
+        reorder = (torch._C._nn.mkldnn_reorder_conv2d_weight if conv.weight.ndim == 4
+                   else torch._C._nn.mkldnn_reorder_conv3d_weight)
+        self.packed = PerShape(self.SHAPES, lambda key: reorder(self.dense_weight.to_mkldnn(), self.padding, self.stride,
+                                                                self.dilation, self.groups, list(key)))
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        weight = self.weight_for(x.shape)
+        weight = self.packed(x.shape)
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, self.padding, self.stride,
                                                            self.dilation, self.groups, self.post, [], "")

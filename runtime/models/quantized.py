@@ -29,7 +29,6 @@ route.
 from __future__ import annotations
 
 import copy
-import threading
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -39,7 +38,7 @@ from torch import nn
 from vpure.kernels.pool import max_pool2d
 
 from ..errors import BackendUnavailable, ConfigError, InputError
-from .fused import FramePlan, _fold
+from .fused import FramePlan, PerShape, _fold
 from .layout import frames_to_batch
 
 INT8_METHODS = ("minmax", "percentile")
@@ -117,24 +116,12 @@ class QConv:
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.x_q, self.out_q, self.post = x_q, out_q, post
-        self.packed: dict[tuple[int, ...], torch.Tensor] = {}
-        self.lock = threading.Lock()
-
-    def weight_for(self, shape: torch.Size) -> torch.Tensor:
-        key = tuple(shape)
-        with self.lock:
-            packed = self.packed.pop(key, None)
-            if packed is None:
-                packed = torch.ops.onednn.qconv_prepack(self.w_int8, self.w_scale, self.x_q.scale,
-                                                        self.x_q.zero_point, self.stride, self.padding,
-                                                        self.dilation, self.groups, list(key))
-                if len(self.packed) >= self.SHAPES:
-                    self.packed.pop(next(iter(self.packed)))  # the least recently used
-            self.packed[key] = packed
-        return packed
+        self.packed = PerShape(self.SHAPES, lambda key: torch.ops.onednn.qconv_prepack(
+            self.w_int8, self.w_scale, x_q.scale, x_q.zero_point, self.stride, self.padding, self.dilation,
+            self.groups, list(key)))
 
     def __call__(self, qx: torch.Tensor, accum: torch.Tensor | None = None, accum_q: QParams | None = None):
-        weight = self.weight_for(qx.shape)
+        weight = self.packed(qx.shape)
         x_q, out_q = self.x_q, self.out_q
         if accum is None:
             return torch.ops.onednn.qconv2d_pointwise(
