@@ -147,3 +147,16 @@ def test_compiled_decoder_takes_the_native_norms():
     z = torch.randn(1, 4, 2, 4, 4)
     with torch.inference_mode():
         assert torch.allclose(compiled(z), ref(z), atol=1e-4)
+
+
+def test_the_eager_inference_decoder_takes_the_native_norms_too():
+    from vpure.runtime.models.diffusion import NativeGroupNorm, VAEDecoder
+    from vpure.runtime.models.inference import prepare_decoder
+
+    ref = VAEDecoder(_tiny_vae())
+    dec = copy.deepcopy(ref)
+    prepare_decoder(dec)  # as vpure run's torch path loads the decoder
+    assert any(isinstance(m, NativeGroupNorm) for m in dec.modules())
+    z = torch.randn(1, 4, 2, 4, 4)
+    with torch.inference_mode():
+        assert torch.allclose(dec(z), ref(z), atol=1e-4)

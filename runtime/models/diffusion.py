@@ -503,9 +503,10 @@ def use_native_group_norm(module: nn.Module) -> int:
     """Each group norm of ``module``'s diffusers ``ResnetBlock2D`` without a time embedding
     (the VAE's), and its decoder's or encoder's output norm, with the SiLU after it, as one
     :class:`NativeGroupNorm` (the block's separate SiLU becomes the identity), where the
-    native extension is built; in place, returns how many norms. For the compiled torch path
-    on CPU (:func:`~.inference.compile_for_inference`): Inductor's own GroupNorm + SiLU on a
-    channels-last map with two channels per group ran 3-7x slower than the native kernel.
+    native extension is built; in place, returns how many norms. For the torch inference path
+    on CPU, compiled (:func:`~.inference.compile_for_inference`: Inductor's own GroupNorm +
+    SiLU on a channels-last map with two channels per group ran 3-7x slower than the native
+    kernel) or eager (:func:`~.inference.prepare_decoder`: one pass instead of two).
     Blocks with a time embedding (the UNet's) apply their SiLU to it too and are left alone."""
     from diffusers.models.resnet import ResnetBlock2D
 

@@ -37,10 +37,13 @@ def prepare_frame_classifier(module: nn.Module) -> None:
 
 def prepare_decoder(module: nn.Module) -> None:
     """Sub-pixel upsampling in the VAE decoder (:func:`~.diffusion.use_subpixel_upsampling`;
-    ``bench_models --subpixel``)."""
-    from .diffusion import use_subpixel_upsampling
+    ``bench_models --subpixel``) and its group norms fused with their SiLUs in the native
+    kernel (:func:`~.diffusion.use_native_group_norm`; the `small` decoder, 8 frames on the
+    Xeon: bf16 73.7 -> 57.1 ms, fp32 168 -> 165 ms)."""
+    from .diffusion import use_native_group_norm, use_subpixel_upsampling
 
     use_subpixel_upsampling(module)
+    use_native_group_norm(module)
 
 
 def compile_for_inference(module: nn.Module) -> nn.Module:
