@@ -7,17 +7,19 @@ recognisers as loaded before (eager) against their fused oneDNN plans, ``--subpi
 decoders (and the `small` UNet) with diffusers' upsample-then-convolve layers against
 :class:`SubpixelUpsample`, ``--native-attention`` PyTorch's attention kernel against the native
 small-head kernel at the `small` UNet's attention shapes, ``--int8`` the frame classifiers'
-fused fp32 and bf16 plans against their int8 plan (:mod:`vpure.runtime.models.quantized`);
-all interleaved, outputs compared.
+fused fp32 and bf16 plans against their int8 plan (:mod:`vpure.runtime.models.quantized`),
+``--group-norm`` group norm + SiLU at the `small` VAE decoder's maps in PyTorch, Inductor and
+the native kernel; all interleaved, outputs compared.
 
 Run from the repository root:
   .venv/bin/python -m benchmarks.bench_models [--tiny-only] [--conv3d] [--conv-layout] [--fused] [--subpixel]
-      [--native-attention] [--int8] [--csv PATH]
+      [--native-attention] [--int8] [--group-norm] [--csv PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 
@@ -304,6 +306,51 @@ def bench_native_attention(csv_path=None, iters: int = 20) -> list:
     return rows
 
 
+# The `small` VAE decoder's group norms for 8 frames: (channels, side) per map, groups 32.
+SMALL_DECODER_NORMS = ((128, 14), (128, 28), (128, 56), (64, 112), (32, 112))
+
+
+def bench_group_norm(csv_path=None, iters: int = 20) -> list:
+    """Group norm + SiLU as PyTorch runs it eagerly (the reference), as Inductor compiles it
+    with frozen weights (:func:`~vpure.runtime.models.inference.compile_for_inference` on a
+    ``GroupNorm`` + ``SiLU`` pair, as the compiled VAE had them) and as
+    :func:`vpure.kernels.group_norm.group_norm` (native), at the `small` VAE decoder's maps for
+    8 frames, fp32 and bf16, NCHW and channels-last; interleaved rounds, outputs compared."""
+    from vpure.kernels.group_norm import group_norm_native
+    from vpure.runtime.memory import retain_cpu_memory
+    from vpure.runtime.models.inference import compile_for_inference
+
+    retain_cpu_memory()  # as vpure's commands run: a fresh 25 MB output per call would time page faults
+
+    def close(out, ref):
+        d = (out.float() - ref.float()).abs().max().item()
+        assert d < (0.07 if out.dtype == torch.bfloat16 else 1e-4), f"outputs differ by {d}"
+        return f"max|d|={d:.1e}"
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for fmt, layout in ((torch.contiguous_format, "NCHW"), (torch.channels_last, "channels-last")):
+            for c, side in SMALL_DECODER_NORMS:
+                x = torch.randn(8, c, side, side, generator=g).to(dtype).contiguous(memory_format=fmt)
+                eager = torch.nn.Sequential(torch.nn.GroupNorm(32, c, eps=1e-6), torch.nn.SiLU()).eval()
+                with torch.no_grad():
+                    eager[0].weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    eager[0].bias.copy_(torch.randn(c, generator=g) * 0.1)
+                eager.to(dtype)
+                torch._dynamo.reset()  # Sequential.forward is one code object: past Dynamo's cache limit it runs eagerly
+                compiled = compile_for_inference(copy.deepcopy(eager))
+                norm = eager[0]
+                name = f"{str(dtype)[6:]} {layout} 8x{c}x{side}x{side}, 32 groups"
+                rows += benchmark.run(
+                    "group norm", name, benchmark.Case("PyTorch eager", lambda m=eager, x=x: _call(m, x)),
+                    [benchmark.Case("Inductor, frozen", lambda m=compiled, x=x: _call(m, x), close),
+                     benchmark.Case("native", lambda n=norm, x=x: _call(group_norm_native, x, 32, n.weight, n.bias,
+                                                                          n.eps, True), close)],
+                    csv_path=csv_path, interleave=True, warmup=2, min_iters=iters, min_time_s=0.0)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny-only", action="store_true")
@@ -317,12 +364,17 @@ def main(argv=None) -> None:
     p.add_argument("--native-attention", action="store_true",
                    help="only the `small` UNet's attention shapes, PyTorch's kernel against the native one")
     p.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV to append rows to ('' for none)")
+    p.add_argument("--group-norm", action="store_true",
+                   help="only group norm + SiLU at the `small` decoder's maps: PyTorch eager, Inductor, native")
     p.add_argument("--int8", action="store_true",
                    help="only the frame classifiers' fused fp32 and bf16 plans against their int8 plan")
     args = p.parse_args(argv)
     args.csv = args.csv or None
     if args.int8:
         bench_int8_gate(args.csv)
+        return
+    if args.group_norm:
+        bench_group_norm(args.csv)
         return
     if args.native_attention:
         bench_native_attention(args.csv)
