@@ -147,6 +147,9 @@ def test_compiled_decoder_takes_the_native_norms():
     z = torch.randn(1, 4, 2, 4, 4)
     with torch.inference_mode():
         assert torch.allclose(compiled(z), ref(z), atol=1e-4)
+        with torch.profiler.profile() as prof:
+            compiled(z)
+    assert any(e.name == "vpure::group_norm" for e in prof.events())  # the op is in the compiled graph
 
 
 def test_the_eager_inference_decoder_takes_the_native_norms_too():
@@ -160,3 +163,16 @@ def test_the_eager_inference_decoder_takes_the_native_norms_too():
     z = torch.randn(1, 4, 2, 4, 4)
     with torch.inference_mode():
         assert torch.allclose(dec(z), ref(z), atol=1e-4)
+
+
+def test_an_exported_decoder_records_pytorchs_group_norm():
+    from vpure.runtime.models.diffusion import VAEDecoder
+    from vpure.runtime.models.inference import prepare_decoder
+
+    dec = VAEDecoder(_tiny_vae())
+    prepare_decoder(dec)
+    z = torch.randn(1, 4, 2, 4, 4)
+    with torch.no_grad():
+        graph = torch.jit.trace(dec, (z,), check_trace=False).inlined_graph
+    kinds = {node.kind() for node in graph.nodes()}
+    assert "aten::group_norm" in kinds and not any(k.startswith("vpure::") for k in kinds)

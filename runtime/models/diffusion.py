@@ -480,7 +480,8 @@ class NativeGroupNorm(nn.Module):
     """A ``GroupNorm``, with the SiLU that follows it when ``silu``, as one call of
     :func:`vpure.kernels.group_norm.group_norm`'s custom op (``vpure::group_norm``: one
     opaque kernel in a compiled graph) for CPU fp32/bf16 (N, C, H, W) maps without
-    autograd; PyTorch's layers otherwise. Holds the wrapped norm (its parameters then sit
+    autograd; PyTorch's layers otherwise, and when a graph is exported (tracing, ONNX,
+    ``torch.export``). Holds the wrapped norm (its parameters then sit
     one level deeper in the state dict: a rewrite for inference, after loading)."""
 
     def __init__(self, norm: nn.GroupNorm, silu: bool):
@@ -493,10 +494,19 @@ class NativeGroupNorm(nn.Module):
         n = self.norm
         if (x.device.type == "cpu" and x.ndim == 4 and x.dtype in (torch.float32, torch.bfloat16)
                 and not (torch.is_grad_enabled() and (x.requires_grad or n.weight is not None
-                                                      and n.weight.requires_grad))):
+                                                      and n.weight.requires_grad))
+                and not _exporting_graph()):
             return torch.ops.vpure.group_norm(x, n.num_groups, n.weight, n.bias, n.eps, self.silu, False)
         y = n(x)
         return torch.nn.functional.silu(y) if self.silu else y
+
+
+def _exporting_graph() -> bool:
+    """Tracing, scripting, ONNX export or ``torch.export``: record PyTorch's own operators
+    (``torch.compile`` is not one of them: it is where the native op pays)."""
+    from .conv import _exporting
+
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or _exporting()
 
 
 def use_native_group_norm(module: nn.Module) -> int:
