@@ -9,8 +9,9 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", default="tiny,small", help="tiny, small, modelscope (CUDA only); comma-separated")
     p.add_argument("--backends", default="torch", help="torch, onnxruntime; comma-separated")
-    p.add_argument("--precisions", default="fp32,bf16,fp16", help="fp32, bf16 (CPU), fp16 (CUDA), int8 (onnxruntime; the clean "
-                   "route's gate: torch)")
+    p.add_argument("--precisions", default="fp32,bf16,fp16,int8",
+                   help="fp32, bf16 (CPU), fp16 (CUDA), int8 (the onnxruntime backend's; the clean route's gate in "
+                   "torch); default all four, each where the backend and machine run it")
     p.add_argument("--iters", type=int, default=3, help="timed runs per case after one warm-up (default 3)")
     p.add_argument("--video", type=Path, default=None, help="clip to decode (default: a mini-world clip, encoded)")
     p.add_argument("--engines", type=Path, default=None, help="artefact cache for onnxruntime cases")
