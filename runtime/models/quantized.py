@@ -157,7 +157,9 @@ def _walk(plan: FramePlan, frames: torch.Tensor, seen) -> None:
 class Int8FramePlan:
     """A :class:`~vpure.runtime.models.frame_classifier.FrameClassifier` as int8 oneDNN
     convolutions on CPU (see the module docstring): calibrated on ``clips`` ((B, 3, T, H, W)
-    tensors in [0, 1]), then called like the model on fp32 frames, returning fp32 logits."""
+    tensors in [0, 1]), then called like the model on fp32 frames, returning fp32 logits.
+    Frames are taken as finite: a NaN has no uint8 code (the torch backend and the Shield
+    refuse non-finite input before the gate runs)."""
 
     def __init__(self, model: nn.Module, clips: Iterable[torch.Tensor], method: str = "minmax",
                  percentile: float = 99.99, reduce_range: bool = True):
