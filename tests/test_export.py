@@ -314,3 +314,21 @@ def test_full_range_int8_artefact_on_a_cpu_without_vnni_warns(tmp_path, monkeypa
         with caplog.at_level(logging.WARNING, logger="vpure"):
             ort_backend.OrtBackend(spec, path, Precision.INT8, recipe)
         assert ("no VNNI" in caplog.text) == no_vnni
+
+
+def test_a_decoder_prepared_for_inference_exports_pytorchs_norms(tmp_path):
+    """vpure export --miniworld exports load_world's decoder, which prepare_decoder gave the native
+    group norm: the artefact records ONNX's own normalisation and passes its parity check."""
+    import onnx
+
+    from vpure.runtime.models.diffusion import NativeGroupNorm
+    from vpure.runtime.models.inference import prepare_decoder
+
+    spec = registry.get("vae_decoder")
+    dec = spec.build(seed=0)
+    prepare_decoder(dec)
+    assert any(isinstance(m, NativeGroupNorm) for m in dec.modules())
+    path = export_component(spec, dec, tmp_path, "fp32")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert ops & {"GroupNormalization", "InstanceNormalization"} and not any(n.domain == "vpure" for n in
+                                                                             onnx.load(str(path)).graph.node)

@@ -476,28 +476,31 @@ def use_native_attention(module: nn.Module) -> int:
     return n
 
 
-class NativeGroupNorm(nn.Module):
-    """A ``GroupNorm``, with the SiLU that follows it when ``silu``, as one call of
+class NativeGroupNorm(nn.GroupNorm):
+    """A ``GroupNorm``, with the SiLU that follows it when :attr:`silu`, as one call of
     :func:`vpure.kernels.group_norm.group_norm`'s custom op (``vpure::group_norm``: one
     opaque kernel in a compiled graph) for CPU fp32/bf16 (N, C, H, W) maps without
     autograd; PyTorch's layers otherwise, and when a graph is exported (tracing, ONNX,
-    ``torch.export``). Holds the wrapped norm (its parameters then sit
-    one level deeper in the state dict: a rewrite for inference, after loading)."""
+    ``torch.export``). Made from an ``nn.GroupNorm`` in place (:meth:`adopt`), so parameters
+    and state dict keys stay the norm's."""
 
-    def __init__(self, norm: nn.GroupNorm, silu: bool):
+    silu = False
+
+    @classmethod
+    def adopt(cls, norm: nn.GroupNorm, silu: bool) -> "NativeGroupNorm":
         import vpure.kernels.group_norm  # noqa: F401  (registers vpure::group_norm)
 
-        super().__init__()
-        self.norm, self.silu = norm, silu
+        norm.__class__ = cls
+        norm.silu = silu
+        return norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.norm
         if (x.device.type == "cpu" and x.ndim == 4 and x.dtype in (torch.float32, torch.bfloat16)
-                and not (torch.is_grad_enabled() and (x.requires_grad or n.weight is not None
-                                                      and n.weight.requires_grad))
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight is not None
+                                                      and self.weight.requires_grad))
                 and not _exporting_graph()):
-            return torch.ops.vpure.group_norm(x, n.num_groups, n.weight, n.bias, n.eps, self.silu, False)
-        y = n(x)
+            return torch.ops.vpure.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, False)
+        y = super().forward(x)
         return torch.nn.functional.silu(y) if self.silu else y
 
 
@@ -528,11 +531,12 @@ def use_native_group_norm(module: nn.Module) -> int:
     for m in module.modules():
         if (type(m) is ResnetBlock2D and m.time_emb_proj is None and type(m.nonlinearity) is nn.SiLU
                 and type(m.norm1) is nn.GroupNorm and type(m.norm2) is nn.GroupNorm):
-            m.norm1, m.norm2 = NativeGroupNorm(m.norm1, True), NativeGroupNorm(m.norm2, True)
+            NativeGroupNorm.adopt(m.norm1, True), NativeGroupNorm.adopt(m.norm2, True)
             m.nonlinearity = nn.Identity()
             n += 2
         elif type(getattr(m, "conv_norm_out", None)) is nn.GroupNorm and type(getattr(m, "conv_act", None)) is nn.SiLU:
-            m.conv_norm_out, m.conv_act = NativeGroupNorm(m.conv_norm_out, True), nn.Identity()
+            NativeGroupNorm.adopt(m.conv_norm_out, True)
+            m.conv_act = nn.Identity()
             n += 1
     return n
 
