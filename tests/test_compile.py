@@ -88,3 +88,28 @@ def test_a_compiled_unet_keeps_diffusers_layers_where_an_eager_one_is_rewritten(
     backend = compiled.unet.backend  # a module call served by the torch backend; nothing compiled until called
     assert backend.compiled and lean_processors(backend.module._orig_mod) == 0
     assert isinstance(compiled.decoder, torch.nn.Module)  # the others stay the eager modules
+
+
+def test_more_shapes_and_instances_than_dynamos_default_limit_all_compile():
+    """Dynamo's entries are per code object, shared by every compiled instance of a class; past its
+    default limit of 8 a call silently ran eagerly. compile_for_inference raises the limit."""
+    from torch._dynamo.utils import counters
+
+    from vpure.runtime.models.inference import compile_for_inference
+
+    class Small(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x) * 2
+
+    torch._dynamo.reset()
+    compiled = [compile_for_inference(Small().eval()) for _ in range(10)]
+    with torch.inference_mode():
+        for i, c in enumerate(compiled):
+            before = counters["stats"]["unique_graphs"]
+            c(torch.ones(i + 1, 4))
+            assert counters["stats"]["unique_graphs"] == before + 1, f"call {i} ran without compiling"
+    torch._dynamo.reset()

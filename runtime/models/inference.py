@@ -65,7 +65,8 @@ def compile_for_inference(module: nn.Module) -> nn.Module:
     snapshots the module: its weights, and (:func:`_frozen_module_guards`) its structure and
     attributes, which Dynamo stops re-checking on every call; a module changed afterwards
     must be compiled again. Input shapes, dtypes and devices and the global state (grad
-    mode, autocast) are still checked: a new one recompiles. The module's parameters are
+    mode, autocast) are still checked: a new one recompiles (up to 64 entries per compiled
+    class's forward, Dynamo's recompile limit raised from 8 for the process). The module's parameters are
     set not to require gradients (the compiled path is for inference) and its attention
     processors may change as said above; it is otherwise unchanged. Returns the compiled
     wrapper."""
@@ -78,7 +79,15 @@ def compile_for_inference(module: nn.Module) -> nn.Module:
         use_native_attention(module)
         use_native_group_norm(module)
     _quiet_diffusers_logging_under_dynamo()
+    # Dynamo keeps its compiled entries per code object, shared by every compiled instance of a
+    # class: past recompile_limit (8) input shapes, dtypes or instances of, say, EpsUNet.forward
+    # (`vpure bench --configs tiny,small --precisions fp32,bf16 --compile` needs 8), later calls
+    # ran eagerly with only a log line. Each entry here is a deliberate static-shape compile.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
     return torch.compile(module, dynamic=False, options={"freezing": True, "guard_filter_fn": _frozen_module_guards})
+
+
+_RECOMPILE_LIMIT = 64
 
 
 def _frozen_module_guards(entries) -> list[bool]:
