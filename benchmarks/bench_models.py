@@ -370,27 +370,12 @@ def main(argv=None) -> None:
                    help="only the frame classifiers' fused fp32 and bf16 plans against their int8 plan")
     args = p.parse_args(argv)
     args.csv = args.csv or None
-    if args.int8:
-        bench_int8_gate(args.csv)
-        return
-    if args.group_norm:
-        bench_group_norm(args.csv)
-        return
-    if args.native_attention:
-        bench_native_attention(args.csv)
-        return
-    if args.subpixel:
-        bench_subpixel(args.csv)
-        return
-    if args.fused:
-        bench_fused(args.csv)
-        return
-    if args.conv3d:
-        bench_conv3d(args.csv)
-        return
-    if args.conv_layout:
-        bench_conv_layout(args.csv)
-        return
+    only = {"int8": bench_int8_gate, "group_norm": bench_group_norm, "native_attention": bench_native_attention,
+            "subpixel": bench_subpixel, "fused": bench_fused, "conv3d": bench_conv3d, "conv_layout": bench_conv_layout}
+    for flag, bench in only.items():  # the first flag given runs alone
+        if getattr(args, flag):
+            bench(args.csv)
+            return
     for spec in registry.components():
         module = spec.build(seed=0)
         inputs = spec.sample_inputs(seed=0)

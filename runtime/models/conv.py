@@ -18,12 +18,17 @@ import torch
 from torch import nn
 
 
+def graph_export_active() -> bool:
+    """Whether a graph is being exported (tracing, scripting, ONNX or ``torch.export``): an
+    exported graph must hold the standard PyTorch operators, not a runtime's own."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or _exporting()
+
+
 def graph_capture_active() -> bool:
-    """Whether a graph is being captured (tracing, scripting, ONNX or ``torch.export``,
-    ``torch.compile``): such captures must record the standard PyTorch operators, not an
-    inference path's rewrite of them."""
-    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_compiling() or _exporting())
+    """Whether a graph is being captured (:func:`graph_export_active`, or ``torch.compile``):
+    such captures must record the standard PyTorch operators, not an inference path's
+    rewrite of them."""
+    return graph_export_active() or torch.compiler.is_compiling()
 
 
 def onednn_call_allowed() -> bool:

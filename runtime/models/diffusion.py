@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..registry import ComponentSpec, Role, TensorSpec, Tolerance, register
-from .conv import graph_capture_active
+from .conv import graph_capture_active, graph_export_active
 from .layout import batch_to_frames, frames_to_batch
 
 
@@ -498,18 +498,10 @@ class NativeGroupNorm(nn.GroupNorm):
         if (x.device.type == "cpu" and x.ndim == 4 and x.dtype in (torch.float32, torch.bfloat16)
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight is not None
                                                       and self.weight.requires_grad))
-                and not _exporting_graph()):
+                and not graph_export_active()):  # torch.compile keeps the op: it pays there
             return torch.ops.vpure.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, False)
         y = super().forward(x)
         return torch.nn.functional.silu(y) if self.silu else y
-
-
-def _exporting_graph() -> bool:
-    """Tracing, scripting, ONNX export or ``torch.export``: record PyTorch's own operators
-    (``torch.compile`` is not one of them: it is where the native op pays)."""
-    from .conv import _exporting
-
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or _exporting()
 
 
 def use_native_group_norm(module: nn.Module) -> int:
