@@ -276,3 +276,18 @@ def test_i3d_names_its_fewest_frames():
             assert model(torch.rand(1, 3, fewest, 32, 32)).shape == (1, 5)
             with pytest.raises(InputError, match=f"at least {fewest} frames, got {fewest - 1}"):
                 model(torch.rand(1, 3, fewest - 1, 32, 32))
+
+
+def test_vae_bound_renders_other_world_geometries(capsys):
+    from vpure.benchmarks.vae_bound import main
+    from vpure.runtime.errors import ConfigError
+
+    main(["--size", "40", "--train-frames", "48", "--test-clips", "2"])
+    out = capsys.readouterr().out
+    assert "world at 40 px, photographs at 100 px" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("PCA")]
+    assert [r[4] for r in rows] == ["k=4", "k=6", "k=8", "k=12", "k=16"]
+    psnr = [float(r[-1]) for r in rows]
+    assert psnr == sorted(psnr) and psnr[0] > 10
+    with pytest.raises(ConfigError, match="background_short_side is too small"):
+        main(["--size", "64", "--background-short-side", "100"])
