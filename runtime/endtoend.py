@@ -202,6 +202,7 @@ def bench_config(name: str, *, backends: list[str], precisions: list[str], iters
         key = row.case.removesuffix(" (ref)")
         out.append((key, row, pipes[key]))
     print_stages(out)
+    print_rates(name, out)
     return out
 
 
@@ -222,6 +223,21 @@ def print_stages(results) -> None:
         print(f"  {k:<20}" + "".join(vals))
     print(f"  {'clips/s':<20}" + "".join(f"{1000.0 / r.p50_ms:>24.3f}" if r.p50_ms == r.p50_ms else f"{'-':>24}"
                                          for _, r, _ in results))
+
+
+def print_rates(name: str, results) -> None:
+    """GFLOP/s each case's counted stages reached (p50 times; :mod:`.flops` counts the work)."""
+    from .flops import achieved_rates, clip_flops
+
+    rows = clip_flops(name)
+    rates = [achieved_rates(rows, stage_p50(p)) for _, _, p in results]
+    print(f"\n  {'GFLOP/s (p50)':<20}" + "".join(f"{n[:22]:>24}" for n, _, _ in results))
+    counted = {r.stage for r in rows} | {"unet"}
+    for stage in [k for k in STAGES if k in counted]:
+        print(f"  {stage:<20}" + "".join(f"{x[stage]:>24.1f}" if stage in x else f"{'-':>24}" for x in rates))
+    total = sum(r.flops for r in rows) / 1e9
+    print(f"  {'clip total':<20}" + "".join(f"{total * 1000.0 / r.p50_ms:>24.1f}" if r.p50_ms == r.p50_ms
+                                            else f"{'-':>24}" for _, r, _ in results))
 
 
 def stage_chart(path: Path, results_by_config: dict[str, list]) -> Path:

@@ -88,13 +88,17 @@ def get(name: str) -> Preset:
 
 
 def build(name: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> PresetModels:
-    """Random-init models of a preset (seeded), in eval mode on ``device``."""
+    """Random-init models of a preset (seeded), in eval mode on ``device``. On ``"meta"``
+    nothing is allocated (shapes only: what :mod:`.flops` counts), so every preset builds."""
+    import contextlib
+
     from diffusers import AutoencoderKL, UNet3DConditionModel
 
     p = get(name)
-    if p.gpu_only and torch.device(device).type != "cuda":
+    kind = torch.device(device).type
+    if p.gpu_only and kind not in ("cuda", "meta"):
         raise ConfigError(f"preset {name!r} is GPU only (its UNet alone is 1.41B parameters)")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), (torch.device("meta") if kind == "meta" else contextlib.nullcontext()):
         torch.manual_seed(seed)
         unet = EpsUNet(UNet3DConditionModel(**p.unet), torch.randn(1, p.prompt_tokens, p.unet["cross_attention_dim"]))
         vae = AutoencoderKL(**p.vae)

@@ -19,6 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", type=Path, default=Path("benchmarks/results/stages.png"), help="stage breakdown chart")
     p.add_argument("--compile", action="store_true",
                    help="add the torch cases' UNet and VAE compiled by Inductor (weights frozen; compiles minutes first)")
+    p.add_argument("--flops", action="store_true",
+                   help="only print the arithmetic of one clip per stage for --configs (counted on PyTorch's meta "
+                        "device: runs anywhere, modelscope included) and exit")
+    p.add_argument("--target-s", type=float, default=None,
+                   help="with --flops: print the sustained TFLOP/s this many seconds per clip needs")
     p.add_argument("--clean-route", action="store_true",
                    help="also time the Shield's clean route against the recogniser alone, for an isolated "
                         "clip, a file stream and a live stream (mini-world models, and I3D-R50 with a "
@@ -38,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in PRESETS]
     if unknown:  # a typo is an error, not a skipped case
         raise ConfigError(f"unknown configuration(s) {', '.join(map(repr, unknown))}; known: {', '.join(PRESETS)}")
+    if args.flops:
+        from ..flops import print_clip_flops
+
+        for name in names:
+            print_clip_flops(name, args.target_s)
+        return 0
     torch.set_grad_enabled(True)
     csv = args.csv or None
     results, skipped = {}, []
