@@ -113,3 +113,54 @@ def test_more_shapes_and_instances_than_dynamos_default_limit_all_compile():
             c(torch.ones(i + 1, 4))
             assert counters["stats"]["unique_graphs"] == before + 1, f"call {i} ran without compiling"
     torch._dynamo.reset()
+
+
+def test_flat_linears_compute_the_same_and_keep_batched_products_out_of_the_graph():
+    """FlatLinear: the same outputs, gradients and state dict as nn.Linear; in a traced graph
+    a linear on permuted tokens is one matrix product, not a batched product against an
+    expanded weight (what Inductor ran for diffusers' transformer input projections)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from vpure.runtime.models.diffusion import FlatLinear, use_flat_linears
+
+    class Tokens(torch.nn.Module):  # diffusers' permute-then-project, as in TransformerTemporalModel
+        def __init__(self):
+            super().__init__()
+            self.proj_in = torch.nn.Linear(16, 24)
+            self.head = torch.nn.Sequential(torch.nn.Linear(24, 8))
+
+        def forward(self, x):  # (B, C, T, H, W) -> (B*H*W, T, C) tokens
+            b, c, t, h, w = x.shape
+            return self.head(self.proj_in(x.permute(0, 3, 4, 2, 1).reshape(b * h * w, t, c)))
+
+    g = torch.Generator().manual_seed(0)
+    plain = Tokens()
+    flat = Tokens()
+    flat.load_state_dict(plain.state_dict())
+    assert use_flat_linears(flat) == 2 and isinstance(flat.proj_in, FlatLinear)
+    assert list(flat.state_dict()) == list(plain.state_dict())
+    x = torch.randn(1, 16, 5, 3, 3, generator=g)  # batch 1: the permuted tokens are a view, not contiguous
+    for inp in (x, x[0, :, 0].flatten(1).T, x[0, :, 0, 0, 0]):  # 5-D via permute, 2-D, 1-D
+        f = (lambda m, i: m(i)) if inp.ndim == 5 else (lambda m, i: m.proj_in(i))
+        torch.testing.assert_close(f(flat, inp), f(plain, inp))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    plain(xa).square().sum().backward()
+    flat(xb).square().sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad)
+
+    def ops(module) -> set[str]:
+        seen: set[str] = set()
+
+        def capture(gm, _):
+            seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            return gm.forward
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(module, backend=aot_autograd(fw_compiler=capture))(x)
+        torch._dynamo.reset()
+        return seen
+
+    plain.requires_grad_(False), flat.requires_grad_(False)  # frozen, as compile_for_inference leaves them
+    assert "aten.bmm.default" in ops(plain)  # the pattern FlatLinear exists for
+    assert "aten.bmm.default" not in ops(flat)

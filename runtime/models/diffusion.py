@@ -533,6 +533,37 @@ def use_native_group_norm(module: nn.Module) -> int:
     return n
 
 
+class FlatLinear(nn.Linear):
+    """A ``Linear`` that flattens its input's leading dimensions itself: one (N, in) x
+    (in, out) product. PyTorch's matmul decomposition, which Inductor traces, folds a 3-D
+    input into 2-D only when its batch strides allow a view or the weight requires
+    gradients; otherwise (diffusers' transformers permute the feature map into tokens just
+    before ``proj_in``, and compiled weights are frozen) it runs a batched product against
+    the weight expanded per batch row, which oneDNN needs materialised: 196 copies of a
+    64x64 weight per temporal transformer of the `small` UNet, 10 such products a call,
+    ~13 ms of a ~178 ms compiled bf16 call on the 2-vCPU Xeon. Flattening copies the
+    (smaller) input instead. Made from an ``nn.Linear`` in place (:meth:`adopt`):
+    parameters and state dict keys stay the layer's; eager calls compute the same product."""
+
+    @classmethod
+    def adopt(cls, linear: nn.Linear) -> "FlatLinear":
+        linear.__class__ = cls
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def use_flat_linears(module: nn.Module) -> int:
+    """Every plain ``nn.Linear`` of ``module`` as a :class:`FlatLinear`, in place; returns
+    how many (:func:`~.inference.compile_for_inference` on CPU)."""
+    linears = [m for m in module.modules() if type(m) is nn.Linear]
+    for m in linears:
+        FlatLinear.adopt(m)
+    return len(linears)
+
+
 def optimise_for_inference(eps_unet: "EpsUNet", native_attention: bool = True) -> dict[str, int]:
     """The torch inference path's rewrites of an :class:`EpsUNet`, in place: temporal
     convolutions as 2-D ones (:func:`fold_temporal_convs`), the baked prompt's keys and

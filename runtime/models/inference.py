@@ -51,13 +51,15 @@ def compile_for_inference(module: nn.Module) -> nn.Module:
     frozen into the graph as constants (Inductor's ``freezing``: folded, and on CPU prepacked
     for oneDNN's convolution and matmul kernels, AMX where the CPU has it). The eager
     rewrites above are for eager calls; a compiled module should get the original layers
-    (Inductor fuses diffusers' own graph better than the rewritten one), with two exceptions
+    (Inductor fuses diffusers' own graph better than the rewritten one), with three exceptions
     on CPU: attention layers with 8-, 16- or 32-wide heads get the native small-head kernel
     where its AVX-512 copy runs (:func:`~.diffusion.use_native_attention`, one custom op in
     the graph instead of PyTorch's flash kernel; ``bench_models --native-attention``), and
     the VAE's group norms and the SiLU after each become the native group-norm kernel
     (:func:`~.diffusion.use_native_group_norm`; Inductor's own kernel for them on
-    channels-last maps was two thirds of a compiled `small` decode).
+    channels-last maps was two thirds of a compiled `small` decode), and every linear layer
+    flattens its input itself (:class:`~.diffusion.FlatLinear`: Inductor ran the
+    transformers' input projections as batched products against a copied weight).
 
     Compilation happens on the first call of each input shape and takes minutes for a UNet
     on a small CPU (a C++ compiler is needed on CPU, Triton on CUDA); later calls reuse it.
@@ -72,12 +74,13 @@ def compile_for_inference(module: nn.Module) -> nn.Module:
     wrapper."""
     import torch
 
-    from .diffusion import use_native_attention, use_native_group_norm
+    from .diffusion import use_flat_linears, use_native_attention, use_native_group_norm
 
     module.requires_grad_(False)
     if all(p.device.type == "cpu" for p in module.parameters()):
         use_native_attention(module)
         use_native_group_norm(module)
+        use_flat_linears(module)
     _quiet_diffusers_logging_under_dynamo()
     # Dynamo keeps its compiled entries per code object, shared by every compiled instance of a
     # class: past recompile_limit (8) input shapes, dtypes or instances of, say, EpsUNet.forward
