@@ -28,7 +28,7 @@ def _qkv(b, lq, lk, heads, d, dtype, seed=0):
 
 @pytest.mark.parametrize("portable", COPIES)
 @pytest.mark.parametrize("b,lq,lk,heads,d", [(2, 5, 3, 2, 8), (3, 17, 33, 4, 16), (1, 40, 77, 2, 32),
-                                             (4, 16, 16, 8, 8), (2, 49, 196, 3, 8)])
+                                             (4, 16, 16, 8, 8), (2, 49, 196, 3, 8), (3, 1, 1, 1, 16)])
 def test_matches_the_float64_oracle(portable, b, lq, lk, heads, d):
     q, k, v = _qkv(b, lq, lk, heads, d, torch.float32)
     want = small_head_attention_ref(q, k, v, heads)
