@@ -42,6 +42,13 @@ def _clip_psnr(rec: torch.Tensor, ref: torch.Tensor, clips: int) -> float:
     return float((10 * torch.log10(1 / mse)).mean())
 
 
+def _print_rows(rows, per_frame: int) -> None:
+    """(code, numbers per frame, PSNR) rows as a table, with each code's compression."""
+    print(f"{'code':42s} {'numbers/frame':>14s} {'compression':>12s} {'PSNR dB':>8s}")
+    for name, n, db in rows:
+        print(f"{name:42s} {n:14d} {per_frame / n:11.1f}x {db:8.2f}")
+
+
 def patch_pca_psnr(train: torch.Tensor, test: torch.Tensor, ks, clips: int, p: int = 8) -> dict[int, float]:
     """PSNR of the k-component PCA code of p x p patches, for each k in ``ks``."""
     basis_of = _patches(train, p).double()
@@ -96,9 +103,7 @@ def main(argv=None) -> None:
 
     print(f"\n## VAE reconstruction bound [mini-world test split, {clips} clips of {world.frames}x{world.size}"
           f"x{world.size}; PCA fit on {len(train)} training frames]")
-    print(f"{'code':42s} {'numbers/frame':>14s} {'compression':>12s} {'PSNR dB':>8s}")
-    for name, n, db in rows:
-        print(f"{name:42s} {n:14d} {per_frame / n:11.1f}x {db:8.2f}")
+    _print_rows(rows, per_frame)
     on_clips = evaluate.recognizer_accuracy(w.recognizer, test_clips, test_labels)
     on_rec = evaluate.reconstruction_accuracy(w.encoder, w.decoder, w.recognizer, test_clips, test_labels)
     print(f"\nrecogniser accuracy: {100 * on_clips:.1f}% on the clips, {100 * on_rec:.1f}% on the VAE's "
@@ -138,9 +143,7 @@ def linear_codes_only(args) -> None:
              for k, v in patch_pca_psnr(train, test, (4, 6, 8, 12, 16), clips).items()]
     print(f"\n## Linear codes [world at {size} px, photographs at {world.background_short_side} px short side; "
           f"test split, {clips} clips; PCA fit on {len(train)} training frames]")
-    print(f"{'code':42s} {'numbers/frame':>14s} {'compression':>12s} {'PSNR dB':>8s}")
-    for name, n, db in rows:
-        print(f"{name:42s} {n:14d} {per_frame / n:11.1f}x {db:8.2f}")
+    _print_rows(rows, per_frame)
 
 
 if __name__ == "__main__":
