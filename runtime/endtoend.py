@@ -123,16 +123,18 @@ def cases_for(name: str, m, backends: list[str], precisions: list[str], device: 
     ``compile`` adds each torch precision's UNet and VAE compiled by Inductor
     (:func:`~.models.inference.compile_for_inference`, diffusers' own layers)."""
     from .models.diffusion import GraphedEps, eps_fn_of, optimise_for_inference
-    from .models.inference import compile_for_inference, prepare_decoder
+    from .models.inference import compile_for_inference, prepare_decoder, prepare_encoder
 
     out = []
     for backend in backends:
         for p in precisions:
             if backend == "torch" and p == "fp32":
-                unet, dec = copy.deepcopy(m.unet), copy.deepcopy(m.decoder)  # the reference keeps diffusers' modules
+                # the reference keeps diffusers' modules
+                unet, enc, dec = (copy.deepcopy(x) for x in (m.unet, m.encoder, m.decoder))
                 optimise_for_inference(unet)
+                prepare_encoder(enc)
                 prepare_decoder(dec)
-                out.append(("torch fp32", eps_fn_of(unet), m.encoder, dec, _same_votes))
+                out.append(("torch fp32", eps_fn_of(unet), enc, dec, _same_votes))
                 if compile:
                     unet, enc, dec = (compile_for_inference(copy.deepcopy(x)) for x in (m.unet, m.encoder, m.decoder))
                     out.append(("torch fp32, Inductor", eps_fn_of(unet), enc, dec, _same_votes))
@@ -145,9 +147,10 @@ def cases_for(name: str, m, backends: list[str], precisions: list[str], device: 
                 dt = torch.bfloat16 if p == "bf16" else torch.float16
                 m16 = presets.build(name, device=device, dtype=dt)
                 optimise_for_inference(m16.unet)
+                prepare_encoder(m16.encoder)
                 prepare_decoder(m16.decoder)
-                dec16 = _cast(m16.decoder, dt)
-                out.append((f"torch {p} UNet+decoder", _cast(eps_fn_of(m16.unet), dt), m.encoder, dec16,
+                enc16, dec16 = _cast(m16.encoder, dt), _cast(m16.decoder, dt)
+                out.append((f"torch {p} UNet+VAE", _cast(eps_fn_of(m16.unet), dt), enc16, dec16,
                             _low_precision_parity))
                 if compile:  # diffusers' layers at this precision, the encoder too, compiled
                     mc = presets.build(name, device=device, dtype=dt)
@@ -155,8 +158,8 @@ def cases_for(name: str, m, backends: list[str], precisions: list[str], device: 
                     out.append((f"torch {p} UNet+VAE, Inductor", _cast(eps_fn_of(unet), dt), _cast(enc, dt),
                                 _cast(dec, dt), _low_precision_parity))
                 if device == "cuda":  # the same fp16 modules, each UNet shape replayed from a CUDA graph
-                    out.append((f"torch {p} UNet+decoder, CUDA graphs", _cast(GraphedEps(m16.unet), dt), m.encoder,
-                                dec16, _low_precision_parity))
+                    out.append((f"torch {p} UNet+VAE, CUDA graphs", _cast(GraphedEps(m16.unet), dt), enc16, dec16,
+                                _low_precision_parity))
             elif backend == "onnxruntime" and p in ("fp32", "fp16", "int8"):
                 if device != "cpu":
                     continue  # onnxruntime-gpu is not part of this benchmark's machines

@@ -110,7 +110,7 @@ def load_components(cfg: RunConfig) -> Components:
     else:
         comps = Components(*(registry.get(r).build(seed=0) for r in REGISTRY_NAMES.values()),
                            specs={r: registry.get(r) for r in REGISTRY_NAMES.values()})
-    from .models.inference import prepare_decoder, prepare_frame_classifier, prepare_recognizer
+    from .models.inference import prepare_decoder, prepare_encoder, prepare_frame_classifier, prepare_recognizer
 
     def torch_module(fld):  # served eagerly by torch: the eager rewrites apply (a compiled one keeps its layers)
         choice, module = cfg.runtime.components.get(REGISTRY_NAMES[fld]), getattr(comps, fld)
@@ -121,6 +121,8 @@ def load_components(cfg: RunConfig) -> Components:
         prepare_recognizer(comps.recognizer)
     if torch_module("frame_classifier"):
         prepare_frame_classifier(comps.frame_classifier)
+    if torch_module("encoder"):
+        prepare_encoder(comps.encoder)
     if torch_module("decoder"):
         prepare_decoder(comps.decoder)
     if torch_module("unet"):

@@ -166,6 +166,26 @@ def test_the_eager_inference_decoder_takes_the_native_norms_too():
         assert torch.allclose(dec(z), ref(z), atol=1e-4)
 
 
+def test_the_eager_inference_encoder_takes_the_native_norms_and_vpure_run_loads_it_so():
+    from vpure.runtime.models.diffusion import NativeGroupNorm, VAEEncoder
+    from vpure.runtime.models.inference import prepare_encoder
+    from vpure.runtime.runner import RunConfig, load_components
+
+    ref = VAEEncoder(_tiny_vae())
+    enc = copy.deepcopy(ref)
+    prepare_encoder(enc)
+    assert any(isinstance(m, NativeGroupNorm) for m in enc.modules())
+    assert list(enc.state_dict()) == list(ref.state_dict())
+    x = torch.rand(1, 3, 2, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(enc(x), ref(x), atol=1e-4)
+    x.requires_grad_(True)  # gradients (the attacks') go through PyTorch's layers
+    enc(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    comps = load_components(RunConfig())  # the embedded mini-world, served eagerly by torch
+    assert any(isinstance(m, NativeGroupNorm) for m in comps.encoder.modules())
+
+
 def test_an_exported_decoder_records_pytorchs_group_norm():
     from vpure.runtime.models.diffusion import VAEDecoder
     from vpure.runtime.models.inference import prepare_decoder

@@ -197,12 +197,13 @@ def load_world(weights_dir: str | Path | None = None) -> MiniWorld:
     classifier and VAE decoder prepared for CPU inference as ``vpure run`` loads them
     (:mod:`vpure.runtime.models.inference`: the recogniser's 3-D convolutions through oneDNN,
     the frame classifier's weights channels-last, both through fused oneDNN convolutions
-    without autograd, the decoder upsampling by sub-pixel convolutions). State dicts and
-    gradients are unchanged."""
+    without autograd, the decoder upsampling by sub-pixel convolutions, the VAE's group norms
+    and SiLUs in the native kernel). State dicts and gradients are unchanged."""
     from ..models.diffusion import VAEDecoder, VAEEncoder
-    from ..models.inference import prepare_decoder, prepare_frame_classifier, prepare_recognizer
+    from ..models.inference import prepare_decoder, prepare_encoder, prepare_frame_classifier, prepare_recognizer
 
     vae = load("vae", weights_dir)
+    prepare_encoder(vae.encoder)
     prepare_decoder(vae.decoder)
     recognizer = load("recognizer", weights_dir)
     frame_classifier = load("frame_classifier", weights_dir)
