@@ -398,6 +398,8 @@ def test_inference_rewrites_compute_the_same_unet_and_keep_gradients():
     fast = copy.deepcopy(unet)
     done = optimise_for_inference(fast)
     assert done["temporal_convs"] > 0 and done["cross_attention"] > 0
+    assert done["linears"] == sum(type(m).__name__ == "FlatLinear" for m in fast.modules()) > 0
+    assert list(fast.state_dict()) == list(unet.state_dict())
     procs = [m.processor for m in fast.unet.modules() if isinstance(getattr(m, "processor", None),
                                                                      ConstantContextAttention)]
     assert len(procs) == done["cross_attention"]

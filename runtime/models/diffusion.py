@@ -569,11 +569,13 @@ def optimise_for_inference(eps_unet: "EpsUNet", native_attention: bool = True) -
     convolutions as 2-D ones (:func:`fold_temporal_convs`), the baked prompt's keys and
     values projected once (:class:`ConstantContextAttention`), attention by the native
     small-head kernel where it runs and ``native_attention`` (inference calls), else short-key
-    attention as fp32 matmuls on CPU (:func:`attend`, :class:`LeanSelfAttention`) and the up blocks'
-    upsampling as sub-pixel convolutions (:func:`use_subpixel_upsampling`). The parameters are frozen
-    (``requires_grad_(False)``): the inference path differentiates with respect to latents
-    only. Returns what was rewritten. Exporters and the released-code reference keep
-    diffusers' modules."""
+    attention as fp32 matmuls on CPU (:func:`attend`, :class:`LeanSelfAttention`), the up blocks'
+    upsampling as sub-pixel convolutions (:func:`use_subpixel_upsampling`) and linear layers
+    that flatten their inputs (:class:`FlatLinear`: with the weights frozen, eager matmul
+    too runs the transformers' input projections as batched products against a copied
+    weight). The parameters are frozen (``requires_grad_(False)``): the inference path
+    differentiates with respect to latents only. Returns what was rewritten. Exporters and
+    the released-code reference keep diffusers' modules."""
     from diffusers.models.attention_processor import Attention
 
     eps_unet.requires_grad_(False)
@@ -587,7 +589,8 @@ def optimise_for_inference(eps_unet: "EpsUNet", native_attention: bool = True) -
             m.set_processor(LeanSelfAttention(native_attention))
             n_self += 1
     n_up = use_subpixel_upsampling(eps_unet)
-    return {"temporal_convs": n_conv, "cross_attention": n_attn, "self_attention": n_self, "upsamplers": n_up}
+    return {"temporal_convs": n_conv, "cross_attention": n_attn, "self_attention": n_self, "upsamplers": n_up,
+            "linears": use_flat_linears(eps_unet)}
 
 
 class GraphedEps:
