@@ -535,14 +535,14 @@ def use_native_group_norm(module: nn.Module) -> int:
 
 class FlatLinear(nn.Linear):
     """A ``Linear`` that flattens its input's leading dimensions itself: one (N, in) x
-    (in, out) product. PyTorch's matmul decomposition, which Inductor traces, folds a 3-D
-    input into 2-D only when its batch strides allow a view or the weight requires
+    (in, out) product. PyTorch's matmul (eager, and the decomposition Inductor traces) folds
+    a 3-D input into 2-D only when its batch strides allow a view or the weight requires
     gradients; otherwise (diffusers' transformers permute the feature map into tokens just
     before ``proj_in``, and compiled weights are frozen) it runs a batched product against
     the weight expanded per batch row, which oneDNN needs materialised: 196 copies of a
     64x64 weight per temporal transformer of the `small` UNet, 10 such products a call,
-    ~13 ms of a ~178 ms compiled bf16 call on the 2-vCPU Xeon. Flattening copies the
-    (smaller) input instead. Made from an ``nn.Linear`` in place (:meth:`adopt`):
+    ~13 ms of a ~178 ms compiled bf16 call on the 2-vCPU Xeon (eager: ~9 of ~187 ms).
+    Flattening copies the (smaller) input instead. Made from an ``nn.Linear`` in place (:meth:`adopt`):
     parameters and state dict keys stay the layer's; eager calls compute the same product."""
 
     @classmethod
@@ -557,7 +557,8 @@ class FlatLinear(nn.Linear):
 
 def use_flat_linears(module: nn.Module) -> int:
     """Every plain ``nn.Linear`` of ``module`` as a :class:`FlatLinear`, in place; returns
-    how many (:func:`~.inference.compile_for_inference` on CPU)."""
+    how many (:func:`optimise_for_inference`, and :func:`~.inference.compile_for_inference`
+    on CPU)."""
     linears = [m for m in module.modules() if type(m) is nn.Linear]
     for m in linears:
         FlatLinear.adopt(m)
