@@ -104,7 +104,7 @@ def load_components(cfg: RunConfig) -> Components:
         from .miniworld.dataset import CLASSES
         from .miniworld.models import load_world
 
-        w = load_world(cfg.weights)
+        w = load_world(cfg.weights, prepare=False)  # prepared below, per how each component is served
         comps = Components(w.frame_classifier, w.recognizer, w.unet, w.encoder, w.decoder, w.comdefend, w.raft,
                            CLASSES, {r: presets.component_spec("mini", r) for r in REGISTRY_NAMES.values()})
     else:

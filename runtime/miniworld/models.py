@@ -192,22 +192,25 @@ class MiniWorld:
     raft: torch.nn.Module
 
 
-def load_world(weights_dir: str | Path | None = None) -> MiniWorld:
-    """The six shipped (or ``weights_dir``'s) networks in eval mode, the recogniser, frame
-    classifier and VAE decoder prepared for CPU inference as ``vpure run`` loads them
-    (:mod:`vpure.runtime.models.inference`: the recogniser's 3-D convolutions through oneDNN,
-    the frame classifier's weights channels-last, both through fused oneDNN convolutions
-    without autograd, the decoder upsampling by sub-pixel convolutions, the VAE's group norms
-    and SiLUs in the native kernel). State dicts and gradients are unchanged."""
+def load_world(weights_dir: str | Path | None = None, prepare: bool = True) -> MiniWorld:
+    """The six shipped (or ``weights_dir``'s) networks in eval mode; with ``prepare``, the
+    recogniser, frame classifier and VAE prepared for CPU inference as ``vpure run`` serves
+    them eagerly (:mod:`vpure.runtime.models.inference`: the recogniser's 3-D convolutions
+    through oneDNN, the frame classifier's weights channels-last, both through fused oneDNN
+    convolutions without autograd, the decoder upsampling by sub-pixel convolutions, the
+    VAE's group norms and SiLUs in the native kernel). ``vpure run`` itself loads them
+    unprepared and prepares only the components it serves eagerly (a compiled or engine-
+    served one keeps diffusers' layers). State dicts and gradients are unchanged."""
     from ..models.diffusion import VAEDecoder, VAEEncoder
     from ..models.inference import prepare_decoder, prepare_encoder, prepare_frame_classifier, prepare_recognizer
 
     vae = load("vae", weights_dir)
-    prepare_encoder(vae.encoder)
-    prepare_decoder(vae.decoder)
     recognizer = load("recognizer", weights_dir)
     frame_classifier = load("frame_classifier", weights_dir)
-    prepare_recognizer(recognizer)
-    prepare_frame_classifier(frame_classifier)
+    if prepare:
+        prepare_encoder(vae.encoder)
+        prepare_decoder(vae.decoder)
+        prepare_recognizer(recognizer)
+        prepare_frame_classifier(frame_classifier)
     return MiniWorld(load("unet", weights_dir), VAEEncoder(vae).eval(), VAEDecoder(vae).eval(),
                      recognizer, frame_classifier, load("comdefend", weights_dir), load("raft", weights_dir))

@@ -511,7 +511,8 @@ def use_native_group_norm(module: nn.Module) -> int:
     native extension is built; in place, returns how many norms. For the torch inference path
     on CPU, compiled (:func:`~.inference.compile_for_inference`: Inductor's own GroupNorm +
     SiLU on a channels-last map with two channels per group ran 3-7x slower than the native
-    kernel) or eager (:func:`~.inference.prepare_decoder`: one pass instead of two).
+    kernel) or eager (:func:`~.inference.prepare_encoder`, :func:`~.inference.prepare_decoder`:
+    one pass instead of two).
     Blocks with a time embedding (the UNet's) apply their SiLU to it too and are left alone."""
     from diffusers.models.resnet import ResnetBlock2D
 
@@ -542,8 +543,8 @@ class FlatLinear(nn.Linear):
     the weight expanded per batch row, which oneDNN needs materialised: 196 copies of a
     64x64 weight per temporal transformer of the `small` UNet, 10 such products a call,
     ~13 ms of a ~178 ms compiled bf16 call on the 2-vCPU Xeon (eager: ~9 of ~187 ms).
-    Flattening copies the (smaller) input instead. Made from an ``nn.Linear`` in place (:meth:`adopt`):
-    parameters and state dict keys stay the layer's; eager calls compute the same product."""
+    Flattening copies the (smaller) input instead. Made from an ``nn.Linear`` in place
+    (:meth:`adopt`): parameters and state dict keys stay the layer's."""
 
     @classmethod
     def adopt(cls, linear: nn.Linear) -> "FlatLinear":
