@@ -235,7 +235,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 
 def test_vae_bound_linear_codes_are_exact_at_full_rank_and_improve_with_components():
-    from vpure.benchmarks.vae_bound import patch_pca_psnr
+    from benchmarks.vae_bound import patch_pca_psnr
 
     g = torch.Generator().manual_seed(0)
     smooth = torch.nn.functional.interpolate(torch.rand(40, 3, 4, 4, generator=g), size=16, mode="bilinear")
@@ -279,7 +279,7 @@ def test_i3d_names_its_fewest_frames():
 
 
 def test_vae_bound_renders_other_world_geometries(capsys):
-    from vpure.benchmarks.vae_bound import main
+    from benchmarks.vae_bound import main
     from vpure.runtime.errors import ConfigError
 
     main(["--size", "40", "--train-frames", "48", "--test-clips", "2"])

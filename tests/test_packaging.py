@@ -30,14 +30,95 @@ def test_installed_files_are_under_vpure_only():
     assert not bad, f"vpure installs top-level names other than vpure: {bad}"
 
 
-def test_editable_install_imports_namespace_only(tmp_path):
+def _bare_names_stay_outside_the_checkout(cwd: Path) -> None:
+    """From ``cwd``, vpure.* imports, and bare ``runtime``/``kernels``/``export`` are never
+    the checkout's folders (a third-party ``kernels``, transformers' dependency, may exist)."""
     code = (
         "import importlib.util, vpure.runtime, vpure.kernels, vpure.export, vpure.kernels._native\n"
         "for bare in ('runtime', 'kernels', 'export'):\n"
-        "    assert importlib.util.find_spec(bare) is None, bare\n"
-        "print('ok')\n"
+        "    spec = importlib.util.find_spec(bare)\n"
+        "    print(bare, spec.origin if spec else None)\n"
     )
-    assert _run(code, cwd=tmp_path).strip() == "ok"
+    root = str(ROOT)
+    for line in _run(code, cwd=cwd).splitlines():
+        bare, origin = line.split(" ", 1)
+        assert origin == "None" or not origin.startswith(root + os.sep) or "site-packages" in origin, \
+            f"Python started in {cwd} imports the checkout's {bare!r}: {origin}"
+
+
+def test_editable_install_imports_namespace_only(tmp_path):
+    _bare_names_stay_outside_the_checkout(tmp_path)
+
+
+def test_no_folder_of_the_checkout_shadows_a_package_from_its_root():
+    _bare_names_stay_outside_the_checkout(ROOT)
+    code = ("from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL\n"
+            "import transformers\nprint('ok')\n")
+    assert _run(code, cwd=ROOT).strip() == "ok"
+
+
+def test_python_dash_m_vpure_info_from_the_checkout_root():
+    out = subprocess.run([sys.executable, "-m", "vpure", "info", "--json"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert '"vpure"' in out.stdout
+
+
+BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in ("__init__", "footage"))
+
+
+@pytest.mark.parametrize("module", BENCHMARKS)
+def test_each_benchmark_answers_help_from_the_checkout_root(module):
+    out = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, f"python -m benchmarks.{module} --help: {out.stderr[-2000:]}"
+    assert "usage" in out.stdout.lower()
+
+
+def test_a_ray_worker_started_from_the_checkout_root_imports_diffusers():
+    ray = pytest.importorskip("ray", reason="Ray is not installed (it comes with the test extras)")
+    code = (
+        "import ray\n"
+        "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "@ray.remote\n"
+        "def probe():\n"
+        "    import importlib.util, os\n"
+        "    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL\n"
+        "    spec = importlib.util.find_spec('kernels')\n"
+        "    return os.getcwd(), spec.origin if spec else None\n"
+        "cwd, origin = ray.get(probe.remote(), timeout=240)\n"
+        "ray.shutdown()\n"
+        "print(cwd)\nprint(origin)\n"
+    )
+    del ray
+    out = _run(code, cwd=ROOT)
+    origin = out.strip().splitlines()[-1]
+    assert origin == "None" or not origin.startswith(str(ROOT / "src")), origin
+
+
+def test_the_environment_is_the_lock():
+    """./dev.sh installs with the lock as pip constraints; what runs the suite is what it lists."""
+    lock = ROOT / "requirements-lock.txt"
+    dev = (ROOT / "dev.sh").read_text()
+    assert "LOCK=requirements-lock.txt" in dev and 'install "$VENV" -c "$LOCK"' in dev
+    pins = {}
+    for line in lock.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.lower().replace("_", "-")] = version
+    assert {"torch", "transformers", "diffusers", "numpy"} <= set(pins)
+    if os.environ.get("VPURE_UNLOCKED") == "1":
+        pytest.skip("running under ./dev.sh latest or lock: versions are resolved afresh on purpose")
+    wrong = {}
+    for name, version in pins.items():
+        try:
+            have = md.version(name)
+        except md.PackageNotFoundError:
+            wrong[name] = (version, None)
+            continue
+        if have.split("+")[0] != version.split("+")[0]:
+            wrong[name] = (version, have)
+    assert not wrong, f"installed versions differ from requirements-lock.txt (locked, installed): {wrong}"
 
 
 def test_python_dash_m_vpure(tmp_path):
