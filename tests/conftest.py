@@ -29,5 +29,6 @@ def data_dir():
 
     d = read_environment().data_dir
     if d is None or not d.is_dir():
-        pytest.skip("real footage not found: set VPURE_DATA to the shared data folder")
+        pytest.skip("real footage not found: looked for shared/data beside the checkout; set VPURE_DATA to "
+                    "a folder of footage to override")
     return d

@@ -34,12 +34,15 @@ class Environment:
 
 
 def _default_data_dir() -> Path | None:
-    # runtime/ sits at the repository root in a checkout; shared/ lies beside the repo.
-    here = Path(__file__).resolve().parent
-    for root in (here.parent, Path.cwd()):
-        cand = root.parent / "shared" / "data"
-        if cand.is_dir():
-            return cand
+    """``shared/data`` beside the checkout that holds this package (an editable install) or
+    the current directory; None for an installed wheel run elsewhere."""
+    here = Path(__file__).resolve()
+    cwd = Path.cwd().resolve()
+    for anc in (*here.parents, cwd, *cwd.parents):
+        if (anc / "pyproject.toml").is_file():
+            cand = anc.parent / "shared" / "data"
+            if cand.is_dir():
+                return cand
     return None
 
 
