@@ -2,6 +2,8 @@
 
 - detect: the gate (frame labels, alpha, route) with a tiny and a ResNet-18-sized frame
   classifier; reference: the ResNet-18 forward alone.
+- finite_checks: what failing closed costs: the NaN/Inf check on the gate's logits, the
+  recogniser's logits and a clip's flow; reference: the ResNet-18 gate forward it follows.
 - temporal_defence: 4 exception frames rebuilt (block match radius 7, MC, int-DCT at the
   default QP); reference: the same with torch block matching.
 - shield_clean: a clean clip through the Shield (ResNet-18 gate at 224 and at 112, then
@@ -18,6 +20,7 @@ import argparse
 import torch
 
 from vpure.runtime import benchmark
+from vpure.runtime.backends.base import require_finite
 from vpure.runtime.detect import DetectionConfig, Detector
 from vpure.runtime.models.comdefend import tiny_comdefend
 from vpure.runtime.models.i3d import i3d_nl5_resnet50
@@ -48,6 +51,15 @@ def main(argv=None) -> None:
                   [benchmark.Case("gate, tiny frame classifier", lambda: Detector(tiny)(clip), same_shape),
                    benchmark.Case("gate, resnet18 frame classifier", lambda: Detector(r18)(clip), same_shape)],
                   csv_path=args.csv, min_iters=5, min_time_s=2.0)
+
+    gate_logits, rec_logits = forward_r18(), torch.randn(1, 400)
+    flow = torch.randn(1, 31, 2, 224, 224)
+    benchmark.run("finite_checks", "vtest.avi 32x224x224; logits (1, 32, 10) / (1, 400), flow (1, 31, 2, 224, 224)",
+                  benchmark.Case("resnet18 gate forward", forward_r18),
+                  [benchmark.Case("check gate logits", lambda: require_finite(gate_logits, "gate")),
+                   benchmark.Case("check recogniser logits", lambda: require_finite(rec_logits, "recognizer")),
+                   benchmark.Case("check flow", lambda: require_finite(flow, "flow"))],
+                  csv_path=args.csv, min_iters=20, min_time_s=1.0)
 
     g = torch.Generator().manual_seed(0)
     exc = [4, 11, 19, 26]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vpure.runtime import schedule
 from vpure.runtime.defence import VideoPure
-from vpure.runtime.errors import ConfigError, InputError
+from vpure.runtime.errors import ConfigError, InputError, NonFiniteOutput
 from vpure.runtime.flow import DISFlow, downsample_flow
 from vpure.runtime.videopure import (VideoPureConfig, purify_latents, sto_step, temporal_ddim_invert, vote)
 from vpure.runtime.videopure_reference import ReleasedVideoPure, purify_latents_released
@@ -208,7 +208,7 @@ def test_inversion_and_purification_refuse_bad_timesteps_predictions_and_configs
             temporal_ddim_invert(tiny.eps_fn, z0, ts)
     with pytest.raises(InputError, match=r"returned \(1, 3, 4, 8, 8\), expected"):
         temporal_ddim_invert(lambda z, t: z[:, :3], z0, [1, 21])
-    with pytest.raises(InputError, match="NaN or Inf"):
+    with pytest.raises(NonFiniteOutput, match="unet returned NaN or Inf at timestep 1"):
         purify_latents(lambda z, t: torch.full_like(z, float("inf")), z0, flow)
     with pytest.raises(InputError, match="config must be a VideoPureConfig"):
         purify_latents(tiny.eps_fn, z0, flow, config={"t_star": 6})

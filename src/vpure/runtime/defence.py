@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .backends.base import require_finite
 from .errors import InputError
 from .flow import downsample_flow
 from .videopure import VideoPureConfig, purify_latents, vote
@@ -160,8 +161,8 @@ class VideoPure:
     def purified_members(self, clip: torch.Tensor) -> list[torch.Tensor]:
         """The M purified clips (each (B, 3, T, H, W)) the recogniser votes over (BPDA uses them)."""
         clip, cfg = check_clip(clip, self.latent_factor, self.encoder), self.config
-        flow = self.flow_provider(clip, input_range=cfg.flow_range)
-        z0 = self.encoder(clip)
+        flow = require_finite(self.flow_provider(clip, input_range=cfg.flow_range), "flow")
+        z0 = require_finite(self.encoder(clip), "vae_encoder")
         flow = downsample_flow(flow, tuple(z0.shape[-2:]))
         members = purify_latents(self.eps_fn, z0, flow, cfg)
         frames = self.decode_members(members)
@@ -173,17 +174,18 @@ class VideoPure:
         sw = Stopwatch(clip.device)
         b = clip.shape[0]
         with sw("flow"):
-            flow = self.flow_provider(clip, input_range=cfg.flow_range)
+            flow = require_finite(self.flow_provider(clip, input_range=cfg.flow_range), "flow")
         with sw("vae_encode"):
-            z0 = self.encoder(clip)
+            z0 = require_finite(self.encoder(clip), "vae_encoder")
         with sw("flow"):
             flow = downsample_flow(flow, tuple(z0.shape[-2:]))
         inv, eps = TimedEps(self.eps_fn, sw, "unet_invert"), TimedEps(self.eps_fn, sw, "unet_denoise")
         with sw("purify"):
             members = purify_latents(eps, z0, flow, cfg, invert_eps_fn=inv)
         with sw("vae_decode"):
-            frames = self.decode_members(members)
+            frames = require_finite(self.decode_members(members), "vae_decoder")
         logits = classify(self.recognizer, frames, sw).reshape(len(members), b, -1)
+        require_finite(logits, "recognizer", "on the purified members")
         with sw("vote"):
             label, member_labels = vote(logits, cfg.voting)
         timings = dict(sw.ms)

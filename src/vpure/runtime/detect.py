@@ -21,7 +21,8 @@ import torch
 from vpure.kernels.resize import resize_antialiased
 
 from .config import ConfigBase, check
-from .errors import InputError
+from .backends.base import all_finite
+from .errors import InputError, NonFiniteOutput
 
 ROUTES = ("clean", "sparse", "dense")
 
@@ -120,6 +121,10 @@ class Detector:
         logits = torch.cat([self.frame_classifier(clip[:, :, i:i + k]) for i in range(0, clip.shape[2], k)], dim=1)
         if logits.ndim != 3 or logits.shape[:2] != clip.shape[:1] + clip.shape[2:3]:
             raise InputError(f"frame classifier must return (B, T, K), got {tuple(logits.shape)}")
+        if not all_finite(logits):  # argmax of NaN is 0: an unchecked gate would call the clip clean
+            bad = ~torch.isfinite(logits).all(-1)  # (B, T)
+            frames = [row.nonzero().flatten().tolist() for row in bad]
+            raise NonFiniteOutput("frame_classifier", f"for frames {frames}", frames)
         return logits.argmax(-1)
 
     def __call__(self, clip: torch.Tensor) -> Detection:

@@ -15,6 +15,20 @@ class InputError(VpureError, ValueError):
     """A tensor, clip or file given to vpure has the wrong shape, dtype, range or content."""
 
 
+class NonFiniteOutput(VpureError, FloatingPointError):
+    """A network returned NaN or Inf. Its output cannot be trusted, so the clip must not be
+    judged from it (an argmax of NaN is class 0: a gate would read that as "clean").
+
+    ``component`` names the network; ``frames`` holds, for a per-frame output, the indices of
+    the non-finite frames of each clip in the batch (empty lists for clips that were fine).
+    """
+
+    def __init__(self, component: str, detail: str = "", frames: list[list[int]] | None = None):
+        self.component, self.frames = component, frames
+        super().__init__(f"{component} returned NaN or Inf{f' {detail}' if detail else ''} "
+                         "(a broken engine, a precision overflow or a hostile input)")
+
+
 class CheckpointError(VpureError):
     """A checkpoint or model folder is missing, malformed or does not fit the architecture."""
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, TextIO
 import torch
 
 from .config import ConfigBase, check
-from .errors import InputError, VpureError
+from .errors import InputError, NonFiniteOutput, VpureError
 from .log import get_logger
 from .runconfig import RuntimeConfig
 from .shield import ShieldConfig
@@ -307,6 +307,7 @@ class RunSummary:
     stream: dict[str, Any] = field(default_factory=dict)
     flow_pairs: dict[str, int] = field(default_factory=dict)
     frame_labels: dict[str, int] = field(default_factory=dict)
+    nonfinite: Counter = field(default_factory=Counter)  # component -> clips it returned NaN/Inf on
 
     def percentile(self, q: float) -> float | None:
         """Latency percentile in ms; None when no clip ran (JSON ``null``, never NaN)."""
@@ -322,7 +323,7 @@ class RunSummary:
                 "latency_ms": {f"p{q}": None if (p := self.percentile(q)) is None else round(p, 2)
                                for q in (50, 90, 99)},
                 "interrupted": self.interrupted, "stopped": self.stopped, "stream": self.stream,
-                "flow_pairs": self.flow_pairs, "frame_labels": self.frame_labels}
+                "flow_pairs": self.flow_pairs, "frame_labels": self.frame_labels, "nonfinite": dict(self.nonfinite)}
 
     def text(self) -> str:
         lat = self.to_dict()["latency_ms"]
@@ -330,7 +331,8 @@ class RunSummary:
         s = self.stream
         latency = ("no latency (no clip ran)" if lat["p50"] is None else
                    f"latency p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms")
-        return (f"{self.clips} clips ({routes}; {self.failed} failed), {latency}; {s.get('kept', 0)} frames kept of "
+        bad = ", ".join(f"{k} {v}" for k, v in sorted(self.nonfinite.items()))
+        return (f"{self.clips} clips ({routes}; {self.failed} failed{f'; NaN/Inf from {bad}' if bad else ''}), {latency}; {s.get('kept', 0)} frames kept of "
                 f"{s.get('decoded', 0)} decoded, {s.get('decode_errors', 0)} decode errors, "
                 f"{s.get('size_changes', 0)} size changes; ended by: "
                 f"{'Ctrl-C' if self.interrupted else self.stopped or s.get('ended_by', '?')}")
@@ -408,6 +410,9 @@ class Runner:
                     summary.failed += 1
                     failures_in_a_row += 1
                     rec |= {"error": f"{type(e).__name__}: {e}"}
+                    if isinstance(e, NonFiniteOutput):
+                        rec["failed_component"] = e.component
+                        summary.nonfinite[e.component] += 1
                     log.error("clip %d (frames %d-%d) failed: %s", rec["clip"], ids[0], ids[-1], e)
                     _write(out, rec, on_record)
                     if failures_in_a_row >= cfg.max_consecutive_failures:
@@ -420,10 +425,15 @@ class Runner:
                 summary.routes[r.route] += 1
                 summary.latencies_ms.append(total)
                 d = r.to_dict()
-                rec |= {"route": d["route"], "alpha": round(d["alpha"], 4), "label": d["label"],
-                        "label_name": names[d["label"]] if 0 <= d["label"] < len(names) else None,
+                rec |= {"route": d["route"], "alpha": None if d["alpha"] is None else round(d["alpha"], 4),
+                        "label": d["label"], "label_name": names[d["label"]] if 0 <= d["label"] < len(names) else None,
                         "votes": d["votes"], "exception_frames": d["exception_frames"],
                         "ms": d["ms"] | {"total": round(total, 3)}}
+                if r.failure is not None:  # a NaN/Inf answered by the on_nonfinite policy: said, counted
+                    rec |= {"error": d["error"], "failed_component": d["failed_component"]}
+                    summary.nonfinite[r.failure.component] += 1
+                    log.error("clip %d (frames %d-%d): %s; routed %s", rec["clip"], ids[0], ids[-1], r.failure,
+                              r.route)
                 _write(out, rec, on_record)
         except KeyboardInterrupt:
             summary.interrupted = True

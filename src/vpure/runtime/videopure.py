@@ -29,7 +29,7 @@ from vpure.kernels import warp_l1_grad
 from . import schedule
 from .backends.base import all_finite
 from .config import ConfigBase, check
-from .errors import InputError
+from .errors import InputError, NonFiniteOutput
 
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
 PAPER_LATENT_NUMEL = 4 * 32 * 28 * 28  # n the paper constants were tuned for (MSE)
@@ -113,7 +113,7 @@ def call_eps(eps_fn: EpsFn, z: torch.Tensor, t: int) -> torch.Tensor:
         raise InputError(f"eps_fn(z, {t}) returned {tuple(getattr(eps, 'shape', ())) or type(eps).__name__}, "
                          f"expected the latent's shape {tuple(z.shape)}")
     if not all_finite(eps):
-        raise InputError(f"eps_fn(z, {t}) returned NaN or Inf (a broken engine or a precision overflow)")
+        raise NonFiniteOutput("unet", f"at timestep {t}")
     return eps
 
 

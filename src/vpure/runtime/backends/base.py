@@ -7,7 +7,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, NonFiniteOutput
 from ..precision import Precision
 from ..registry import ComponentSpec
 
@@ -29,6 +29,14 @@ def all_finite(x: torch.Tensor) -> bool:
     ~25x the sum on CPU (``torch.isfinite(x).all()`` writes a boolean per element)."""
     total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     return math.isfinite(float(total)) or bool(torch.isfinite(x).all())
+
+
+def require_finite(x: torch.Tensor, component: str, detail: str = "") -> torch.Tensor:
+    """``x`` itself if every element is finite, else :class:`NonFiniteOutput` naming
+    ``component``. One reduction (:func:`all_finite`) on the hot path."""
+    if x.is_floating_point() and not all_finite(x):
+        raise NonFiniteOutput(component, detail)
+    return x
 
 
 def check_inputs(spec: ComponentSpec, inputs: Mapping[str, Any], *, check_finite: bool = True) -> None:
