@@ -37,6 +37,7 @@ import torch
 from .config import ConfigBase, check
 from .errors import InputError, NonFiniteOutput, VpureError
 from .log import get_logger
+from .records import OutputClosed, OutputError, RecordSink
 from .runconfig import RuntimeConfig
 from .shield import ShieldConfig
 from .stream import DecodeThread, StreamConfig, Windows
@@ -296,8 +297,16 @@ def _eps_fn(unet: Callable) -> Callable:
     return eps_fn_of(unet)
 
 
+def new_run_id() -> str:
+    """12 hex digits naming one run: records of two runs appending to one file stay apart."""
+    import uuid
+
+    return uuid.uuid4().hex[:12]
+
+
 @dataclass
 class RunSummary:
+    run_id: str = field(default_factory=new_run_id)
     clips: int = 0
     failed: int = 0
     routes: Counter = field(default_factory=Counter)
@@ -308,6 +317,8 @@ class RunSummary:
     flow_pairs: dict[str, int] = field(default_factory=dict)
     frame_labels: dict[str, int] = field(default_factory=dict)
     nonfinite: Counter = field(default_factory=Counter)  # component -> clips it returned NaN/Inf on
+    output_error: str = ""  # records could not be written: the run stopped there
+    output_closed: bool = False  # the reader of standard output went away
 
     def percentile(self, q: float) -> float | None:
         """Latency percentile in ms; None when no clip ran (JSON ``null``, never NaN)."""
@@ -319,11 +330,12 @@ class RunSummary:
         return statistics.quantiles(v, n=100, method="inclusive")[int(q) - 1]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"clips": self.clips, "failed": self.failed, "routes": dict(self.routes),
+        return {"run": self.run_id, "clips": self.clips, "failed": self.failed, "routes": dict(self.routes),
                 "latency_ms": {f"p{q}": None if (p := self.percentile(q)) is None else round(p, 2)
                                for q in (50, 90, 99)},
                 "interrupted": self.interrupted, "stopped": self.stopped, "stream": self.stream,
-                "flow_pairs": self.flow_pairs, "frame_labels": self.frame_labels, "nonfinite": dict(self.nonfinite)}
+                "flow_pairs": self.flow_pairs, "frame_labels": self.frame_labels, "nonfinite": dict(self.nonfinite),
+                "output_error": self.output_error or None}
 
     def text(self) -> str:
         lat = self.to_dict()["latency_ms"]
@@ -401,13 +413,12 @@ class Runner:
                     continue
                 pending = 0
                 ids, t0, clip = w
-                rec: dict[str, Any] = {"clip": summary.clips + summary.failed, "start_time_s": round(t0, 3),
-                                       "frames": [ids[0], ids[-1]]}
+                rec: dict[str, Any] = {"run": summary.run_id, "clip": summary.clips + summary.failed,
+                                       "start_time_s": round(t0, 3), "frames": [ids[0], ids[-1]]}
                 start = time.perf_counter()
                 try:
                     r = self.process(clip, ids)
                 except (VpureError, RuntimeError, ValueError, FloatingPointError) as e:
-                    summary.failed += 1
                     failures_in_a_row += 1
                     rec |= {"error": f"{type(e).__name__}: {e}"}
                     if isinstance(e, NonFiniteOutput):
@@ -415,15 +426,13 @@ class Runner:
                         summary.nonfinite[e.component] += 1
                     log.error("clip %d (frames %d-%d) failed: %s", rec["clip"], ids[0], ids[-1], e)
                     _write(out, rec, on_record)
+                    summary.failed += 1
                     if failures_in_a_row >= cfg.max_consecutive_failures:
                         summary.stopped = f"{failures_in_a_row} consecutive clip failures (last: {e})"
                         break
                     continue
                 failures_in_a_row = 0
                 total = (time.perf_counter() - start) * 1000
-                summary.clips += 1
-                summary.routes[r.route] += 1
-                summary.latencies_ms.append(total)
                 d = r.to_dict()
                 rec |= {"route": d["route"], "alpha": None if d["alpha"] is None else round(d["alpha"], 4),
                         "label": d["label"], "label_name": names[d["label"]] if 0 <= d["label"] < len(names) else None,
@@ -435,8 +444,15 @@ class Runner:
                     log.error("clip %d (frames %d-%d): %s; routed %s", rec["clip"], ids[0], ids[-1], r.failure,
                               r.route)
                 _write(out, rec, on_record)
+                summary.clips += 1  # counted once its record is written
+                summary.routes[r.route] += 1
+                summary.latencies_ms.append(total)
         except KeyboardInterrupt:
             summary.interrupted = True
+        except OutputClosed:
+            summary.output_closed, summary.stopped = True, "the reader of the records went away"
+        except OutputError as e:  # the records' file, not the clip: stop with what was written intact
+            summary.output_error = summary.stopped = str(e)
         except InputError as e:  # the input itself failed (cannot open, too many decode errors)
             if summary.clips + summary.failed == 0 and decoder.stats.decoded == 0:
                 raise
@@ -462,12 +478,14 @@ def _write(out: TextIO, rec: dict[str, Any], hook=None) -> None:
         hook(rec)
 
 
-def run_to(source: str | Path, cfg: RunConfig, out_path: str | Path | None = None,
+def run_to(source: str | Path, cfg: RunConfig, out: str | Path | RecordSink | None = None,
            components: Components | None = None, progress: bool | None = None) -> RunSummary:
-    """Run ``source``; JSON lines to ``out_path`` (appended, line-buffered) or stdout."""
-    runner = Runner(cfg, components)
-    if out_path is None:
-        return runner.run(source, sys.stdout, progress=progress)
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "a", buffering=1) as f:
-        return runner.run(source, f, progress=progress)
+    """Run ``source``; JSON lines appended to ``out`` (a path or an open :class:`RecordSink`),
+    or standard output. A path is opened before any model loads, so an unwritable one costs
+    nothing."""
+    if out is None:
+        out = RecordSink.stdout()
+    elif not isinstance(out, RecordSink):
+        out = RecordSink.append_to(out)
+    with out:
+        return Runner(cfg, components).run(source, out, progress=progress)

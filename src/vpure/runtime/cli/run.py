@@ -48,15 +48,27 @@ def config_from_args(args: argparse.Namespace):
     return cfg.replace(**changes) if changes else cfg
 
 
+# Exit statuses: 0 done, 1 nothing could be classified, 2 bad usage (the CLI's), 74 the
+# records could not be written (sysexits' EX_IOERR), 130 Ctrl-C, 141 standard output closed.
+EXIT_OUTPUT_ERROR, EXIT_PIPE_CLOSED = 74, 141
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     import sys
 
+    from ..records import RecordSink
     from ..runner import run_to
 
     cfg = config_from_args(args)
-    summary = run_to(args.input, cfg, args.out)
+    sink = RecordSink.stdout() if args.out is None else RecordSink.append_to(args.out)  # before any model loads
+    summary = run_to(args.input, cfg, sink)
+    if summary.output_closed:
+        return EXIT_PIPE_CLOSED  # quietly, as Unix tools end when their reader goes away
     print(f"vpure run: {summary.text()}", file=sys.stderr)
+    if summary.output_error:
+        print(f"vpure run: error: {summary.output_error}; the records written before it are whole", file=sys.stderr)
+        return EXIT_OUTPUT_ERROR
     if args.out is not None:
         print(json.dumps({"summary": summary.to_dict()}, allow_nan=False))
     if summary.interrupted:
