@@ -101,7 +101,12 @@ def test_embedding_width_mismatch_is_refused(tmp_path, monkeypatch):
         modelscope.load_unet(root)
 
 
-def test_corrupt_cached_embedding_is_refused(folder):
+def test_corrupt_cached_embedding_is_recomputed_with_a_warning(folder, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("VPURE_CACHE", str(tmp_path / "cache"))
+    good = modelscope.compute_empty_prompt_embedding(folder)
     (folder / modelscope.EMBEDDING_FILE).write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="unreadable"):
-        modelscope.empty_prompt_embedding(folder)
+    with caplog.at_level("WARNING"):
+        emb = modelscope.empty_prompt_embedding(folder)
+    assert "unreadable" in caplog.text and "recomputing" in caplog.text
+    assert torch.equal(emb, good)
+    assert torch.equal(modelscope.empty_prompt_embedding(folder), good)  # the cache was rewritten whole

@@ -23,7 +23,7 @@ import onnx
 import torch
 
 from vpure.runtime.calibration_samples import calibration_batches, parity_batches
-from vpure.runtime import artifacts
+from vpure.runtime import artifacts, atomic
 from vpure.runtime.errors import ArtifactError
 from vpure.runtime.log import get_logger
 from vpure.runtime.metrics import sqnr_db
@@ -182,8 +182,6 @@ def export_component(spec: ComponentSpec, module: torch.nn.Module, out_dir: str 
     data = model.SerializeToString()
     parity = _parity(module, data, parity_batches(spec, recipe, companions))
     _check_parity(spec, precision, parity)
-    tmp = final.with_suffix(".onnx.tmp")
-    tmp.write_bytes(data)
     sidecar = {
         "sidecar_version": artifacts.SIDECAR_VERSION, "component": spec.name, "precision": precision.value,
         "calibration_id": artifacts.calibration_id(precision, recipe),
@@ -194,7 +192,7 @@ def export_component(spec: ComponentSpec, module: torch.nn.Module, out_dir: str 
         "opset": spec.opset, "source": source, "source_sha256": source_hash,
         "onnx_sha256": hashlib.sha256(data).hexdigest(), "parity": parity, "kept_fp32": kept,
     }
-    tmp.replace(final)
-    artifacts.sidecar_path(final).write_text(json.dumps(sidecar, indent=2, sort_keys=True))
+    atomic.write_bytes(final, data)
+    atomic.write_text(artifacts.sidecar_path(final), json.dumps(sidecar, indent=2, sort_keys=True))
     log.info("wrote %s (parity %s)", final.name, parity)
     return final

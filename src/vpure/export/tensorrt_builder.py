@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vpure.runtime import artifacts
+from vpure.runtime import artifacts, atomic
 from vpure.runtime.errors import ArtifactError, BackendUnavailable
 from vpure.runtime.log import get_logger
 from vpure.runtime.precision import CalibrationRecipe, Precision
@@ -132,9 +132,7 @@ def build_engine(spec: ComponentSpec, engines_dir: str | Path, precision: Precis
         raise ArtifactError(f"{spec.name} {precision.value}: TensorRT failed to build an engine (see its log)")
     data = bytes(blob)
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    tmp = final.with_suffix(".engine.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(final)
+    atomic.write_bytes(final, data)
     side = {k: onnx_side[k] for k in ("sidecar_version", "component", "precision", "calibration_id", "calibration",
                                       "profile_id", "profile", "inputs", "outputs", "source", "source_sha256",
                                       "onnx_sha256", "parity", "kept_fp32")}

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from . import atomic
 from .errors import CheckpointError
 
 _WRAPPERS = ("state_dict", "model", "model_state", "net")
@@ -88,9 +89,7 @@ def save_safetensors(module: torch.nn.Module, path: str | Path, config: dict[str
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, str(tmp), metadata={"vpure_config": json.dumps(config or {})})
-    tmp.replace(path)
+    with atomic.replacing(path) as tmp:
+        save_file(state, str(tmp), metadata={"vpure_config": json.dumps(config or {})})
     return path

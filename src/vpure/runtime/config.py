@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, TypeVar
 
+from . import atomic
 from .errors import ConfigError
 
 C = TypeVar("C", bound="ConfigBase")
@@ -177,11 +178,7 @@ class ConfigBase:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_toml())
-        tmp.replace(path)  # atomic: a crash never leaves half a config
-        return path
+        return atomic.write_text(path, self.to_toml())  # a crash never leaves half a config
 
     @classmethod
     def load(cls: type[C], path: str | Path) -> C:

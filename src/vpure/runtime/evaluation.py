@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import atomic
 from .config import ConfigBase, check
 from .errors import ConfigError
 from .log import get_logger
@@ -264,10 +265,7 @@ def evaluate(cfg: EvalConfig, defences: list[str], attacks: list[str], out_dir: 
 
     def save(res: dict[str, Any]) -> None:
         p = job_path(cache, res["defence"], res["attack"], res["index"])
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res))
-        tmp.replace(p)
+        atomic.write_text(p, json.dumps(res))
 
     if ray_address is not None:
         _run_ray(jobs, cfg, weights_dir, ray_address, save, progress)

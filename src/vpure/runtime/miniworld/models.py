@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .. import atomic
 from ..errors import CheckpointError
 from ..log import get_logger
 
@@ -120,11 +121,9 @@ def save(component: str, module: torch.nn.Module, card: dict[str, Any], config: 
     if component == "vae":  # the measured scaling factor is part of the latent contract
         config = {**(config or default_config("vae")), "scaling_factor": float(module.config.scaling_factor)}
     meta = {"vpure_config": json.dumps(config or default_config(component)), "vpure_card": json.dumps(card)}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
-    path.chmod(0o644)  # package data: readable by whoever installs it
-    path.with_suffix(".md").write_text(card_markdown(component, card))
+    with atomic.replacing(path) as tmp:  # package data: readable by whoever installs it
+        save_file(state, str(tmp), metadata=meta)
+    atomic.write_text(path.with_suffix(".md"), card_markdown(component, card))
     return path
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .. import schedule
+from .. import atomic, schedule
 from ..config import ConfigBase, check
 from ..env import read_environment
 from ..log import get_logger
@@ -102,18 +102,32 @@ BUDGETS: dict[str, TrainConfig] = {
 ORDER = ("vae", "unet", "frame_classifier", "recognizer", "comdefend", "raft")
 
 
+def _load_cache(path: Path):
+    """A cached tensor file, or None when it is absent or does not load (a torn or corrupted
+    write, another version's format): the caller rebuilds it, with a warning."""
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
+        log.warning("mini-world cache %s does not load (%s: %s); rebuilding it", path, type(e).__name__, e)
+        return None
+    if isinstance(data, dict) and not {"clips", "labels"} <= set(data):
+        log.warning("mini-world cache %s lacks clips or labels; rebuilding it", path)
+        return None
+    return data
+
+
 def train_data(count: int, world: WorldConfig, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, T, H, W) uint8 clips and labels of ``split``, cached on disk."""
     key = hashlib.sha256(repr((world.to_dict(), split, count)).encode()).hexdigest()[:12]
     path = read_environment().cache_dir / "miniworld" / f"{split}-{count}-{key}.pt"
-    if path.is_file():
-        data = torch.load(path, weights_only=True)
+    data = _load_cache(path)
+    if data is not None:
         return data["clips"], data["labels"]
     clips, labels = make_split(split, count, world, progress=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"clips": clips, "labels": labels}, tmp)
-    tmp.replace(path)
+    with atomic.replacing(path) as tmp:
+        torch.save({"clips": clips, "labels": labels}, tmp)
     return clips, labels
 
 
@@ -122,15 +136,14 @@ def train_masks(count: int, world: WorldConfig, split: str = "train") -> torch.T
     beside the clips (regenerated from the seeded generator: ~25 ms a clip)."""
     key = hashlib.sha256(repr((world.to_dict(), split, count, "mask")).encode()).hexdigest()[:12]
     path = read_environment().cache_dir / "miniworld" / f"{split}-{count}-mask-{key}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
+    cached = _load_cache(path)
+    if isinstance(cached, torch.Tensor):
+        return cached
     masks = torch.empty(count, world.frames, world.size, world.size, dtype=torch.bool)
     for i in bar(range(count), desc=f"mini-world {split} masks", enable=None):
         masks[i] = make_clip(split, i, world).mask
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(masks, tmp)
-    tmp.replace(path)
+    with atomic.replacing(path) as tmp:
+        torch.save(masks, tmp)
     return masks
 
 

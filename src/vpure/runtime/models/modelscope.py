@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .. import atomic
 from ..env import read_environment
 from ..errors import CheckpointError
 from ..log import get_logger
@@ -89,18 +90,21 @@ def empty_prompt_embedding(root: str | Path) -> torch.Tensor:
         if path.is_file():
             try:
                 emb = load_file(str(path))["embedding"]
-            except Exception as e:  # a corrupt cache is refused by name, never half-used
-                raise CheckpointError(f"cached embedding {path} is unreadable ({e}); delete it to recompute") from None
+            except Exception as e:  # noqa: BLE001 - a corrupt cache is recomputed, never half-used
+                log.warning("cached embedding %s is unreadable (%s); recomputing it", path, e)
+                path.unlink(missing_ok=True)
+                continue
             if emb.ndim != 3 or emb.shape[0] != 1 or not emb.is_floating_point():
-                raise CheckpointError(f"cached embedding {path} has shape {tuple(emb.shape)} {emb.dtype}, expected (1, L, D) float")
+                log.warning("cached embedding %s has shape %s %s, expected (1, L, D) float; recomputing it",
+                            path, tuple(emb.shape), emb.dtype)
+                path.unlink(missing_ok=True)
+                continue
             return emb.float()
     emb = compute_empty_prompt_embedding(root)
     for path in _cache_paths(root):
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({"embedding": emb.contiguous()}, str(tmp), metadata={"prompt": "", "source": "text_encoder"})
-            tmp.replace(path)
+            with atomic.replacing(path) as tmp:
+                save_file({"embedding": emb.contiguous()}, str(tmp), metadata={"prompt": "", "source": "text_encoder"})
             log.info("cached the empty-prompt embedding at %s", path)
             break
         except OSError as e:
