@@ -24,6 +24,7 @@ finishes the summary and returns.
 from __future__ import annotations
 
 import json
+import signal
 import statistics
 import sys
 import time
@@ -319,6 +320,7 @@ class RunSummary:
     nonfinite: Counter = field(default_factory=Counter)  # component -> clips it returned NaN/Inf on
     output_error: str = ""  # records could not be written: the run stopped there
     output_closed: bool = False  # the reader of standard output went away
+    signum: int = 0  # the signal that interrupted the run (SIGINT for Ctrl-C, SIGTERM)
 
     def percentile(self, q: float) -> float | None:
         """Latency percentile in ms; None when no clip ran (JSON ``null``, never NaN)."""
@@ -347,7 +349,10 @@ class RunSummary:
         return (f"{self.clips} clips ({routes}; {self.failed} failed{f'; NaN/Inf from {bad}' if bad else ''}), {latency}; {s.get('kept', 0)} frames kept of "
                 f"{s.get('decoded', 0)} decoded, {s.get('decode_errors', 0)} decode errors, "
                 f"{s.get('size_changes', 0)} size changes; ended by: "
-                f"{'Ctrl-C' if self.interrupted else self.stopped or s.get('ended_by', '?')}")
+                f"{self._interruption() if self.interrupted else self.stopped or s.get('ended_by', '?')}")
+
+    def _interruption(self) -> str:
+        return "SIGTERM" if self.signum == signal.SIGTERM else "Ctrl-C"
 
 
 class Runner:
@@ -447,8 +452,9 @@ class Runner:
                 summary.clips += 1  # counted once its record is written
                 summary.routes[r.route] += 1
                 summary.latencies_ms.append(total)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             summary.interrupted = True
+            summary.signum = getattr(e, "signum", signal.SIGINT)
         except OutputClosed:
             summary.output_closed, summary.stopped = True, "the reader of the records went away"
         except OutputError as e:  # the records' file, not the clip: stop with what was written intact

@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except VpureError as e:
         print(f"vpure {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM where the command installs signals.stop_on_signals
         print(f"vpure {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)
     except BrokenPipeError:  # the reader of standard output went away (`| head`): end quietly
         import os
 

@@ -49,7 +49,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 # Exit statuses: 0 done, 1 nothing could be classified, 2 bad usage (the CLI's), 74 the
-# records could not be written (sysexits' EX_IOERR), 130 Ctrl-C, 141 standard output closed.
+# records could not be written (sysexits' EX_IOERR), 130 Ctrl-C, 141 standard output closed,
+# 143 SIGTERM.
 EXIT_OUTPUT_ERROR, EXIT_PIPE_CLOSED = 74, 141
 
 
@@ -58,11 +59,13 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from ..records import RecordSink
+    from ..signals import stop_on_signals
     from ..runner import run_to
 
     cfg = config_from_args(args)
     sink = RecordSink.stdout() if args.out is None else RecordSink.append_to(args.out)  # before any model loads
-    summary = run_to(args.input, cfg, sink)
+    with stop_on_signals():  # SIGTERM (docker stop, systemd) ends the run as Ctrl-C does
+        summary = run_to(args.input, cfg, sink)
     if summary.output_closed:
         return EXIT_PIPE_CLOSED  # quietly, as Unix tools end when their reader goes away
     print(f"vpure run: {summary.text()}", file=sys.stderr)
@@ -72,5 +75,5 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         print(json.dumps({"summary": summary.to_dict()}, allow_nan=False))
     if summary.interrupted:
-        return 130
+        return 128 + summary.signum
     return 1 if summary.stopped and summary.clips == 0 else 0
