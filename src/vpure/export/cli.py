@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also build TensorRT engines (needs tensorrt and a CUDA GPU; skipped with the reason otherwise)")
     p.add_argument("--clip", type=Path, help="video for the UNet's effect on the VideoPure members (default: synthetic)")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching artefact exists")
+    p.add_argument("--key-file", type=Path, default=None,
+                   help="sign every sidecar with the key in this file (default: VPURE_ENGINES_KEY if set); "
+                        "the runtime then refuses unsigned or edited artefacts")
 
 
 def _miniworld(names: list[str]) -> tuple[list, dict]:
@@ -142,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             companions["vae_encoder"] = load_world().encoder
         else:
             companions["vae_encoder"] = vae.build(seed=0) if args.tiny else vae.load(args.model_dir)
+    key = artifacts.engines_key(args.key_file)
     trt_why = None
     if args.tensorrt:
         from vpure.export.tensorrt_builder import build_engine, unavailable_reason
@@ -162,14 +166,14 @@ def run(args: argparse.Namespace) -> int:
                 path = export_component(spec, modules[spec.name], args.out, precision, calibration=rec,
                                         force=args.force, source="tiny random-init" if args.tiny else
                                         "mini-world shipped weights" if args.miniworld else "checkpoint",
-                                        companions=companions)
+                                        companions=companions, key=key)
             except ArtifactError as e:  # one failed artefact does not cost the others
                 failed.append(str(e))
                 continue
             side = json.loads(artifacts.sidecar_path(path).read_text())
             rows.append((spec.name, precision.value, side["parity"], path.name, side["kept_fp32"]))
             if args.tensorrt and not trt_why:
-                engine = build_engine(spec, args.out, precision, rec, force=args.force)
+                engine = build_engine(spec, args.out, precision, rec, force=args.force, key=key)
                 rows.append((spec.name, precision.value + " trt", side["parity"], engine.name, side["kept_fp32"]))
             if spec.role == "eps":
                 effects.append(_member_effect(args, spec, modules[spec.name], args.out, precision, rec))

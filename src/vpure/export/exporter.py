@@ -33,14 +33,6 @@ from vpure.runtime.registry import ComponentSpec
 log = get_logger(__name__)
 
 
-def _state_hash(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _torch_to_onnx(spec: ComponentSpec, module: torch.nn.Module) -> onnx.ModelProto:
     inputs = spec.sample_inputs(seed=0)
     dyn = spec.dynamic_dims()
@@ -146,11 +138,12 @@ def _check_parity(spec: ComponentSpec, precision: Precision, parity: dict[str, A
 def export_component(spec: ComponentSpec, module: torch.nn.Module, out_dir: str | Path,
                      precision: Precision | str = Precision.FP32, *, calibration: CalibrationRecipe | None = None,
                      source: str = "random-init", force: bool = False,
-                     companions: Mapping[str, Any] | None = None) -> Path:
+                     companions: Mapping[str, Any] | None = None, key: bytes | None = None) -> Path:
     """Export ``module`` (the component's torch module) to ``out_dir``; returns the ONNX path.
 
     ``companions`` maps other component names to their torch modules, for int8 calibration
     from clips of latent-space components (the UNet and VAE decoder need the VAE encoder).
+    ``key`` signs the sidecar (:mod:`vpure.runtime.artifacts`, signed folders).
     """
     precision = Precision.parse(precision)
     if precision.value not in spec.precisions:
@@ -161,10 +154,10 @@ def export_component(spec: ComponentSpec, module: torch.nn.Module, out_dir: str 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / artifacts.artifact_name(spec, precision, recipe)
-    source_hash = _state_hash(module)
+    source_hash = artifacts.state_hash(module)
     if final.is_file() and not force:
         try:
-            side = artifacts.verify(final, spec, precision, recipe)
+            side = artifacts.verify(final, spec, precision, recipe, trust=artifacts.Trust(key=key))
             if side.get("source_sha256") == source_hash:
                 log.info("reusing %s", final.name)
                 return final
@@ -193,6 +186,6 @@ def export_component(spec: ComponentSpec, module: torch.nn.Module, out_dir: str 
         "onnx_sha256": hashlib.sha256(data).hexdigest(), "parity": parity, "kept_fp32": kept,
     }
     atomic.write_bytes(final, data)
-    atomic.write_text(artifacts.sidecar_path(final), json.dumps(sidecar, indent=2, sort_keys=True))
+    atomic.write_text(artifacts.sidecar_path(final), json.dumps(artifacts.sign(sidecar, key), indent=2, sort_keys=True))
     log.info("wrote %s (parity %s)", final.name, parity)
     return final

@@ -81,7 +81,8 @@ def unavailable_reason() -> str | None:
 
 
 def build_engine(spec: ComponentSpec, engines_dir: str | Path, precision: Precision | str,
-                 recipe: CalibrationRecipe | None = None, *, workspace_gib: float = 4.0, force: bool = False) -> Path:
+                 recipe: CalibrationRecipe | None = None, *, workspace_gib: float = 4.0, force: bool = False,
+                 key: bytes | None = None) -> Path:
     """Build (or reuse) the engine for the ONNX artefact of this request in ``engines_dir``."""
     why = unavailable_reason()
     if why:
@@ -95,12 +96,12 @@ def build_engine(spec: ComponentSpec, engines_dir: str | Path, precision: Precis
     tag = artifacts.device_tag(torch.cuda.get_device_capability())
     plan = build_plan(spec, precision, recipe, trt.__version__, tag, workspace_gib)
     onnx_path = artifacts.find_artifact(engines_dir, spec, precision, recipe)
-    onnx_side = artifacts.verify(onnx_path, spec, precision, recipe)
+    onnx_side = artifacts.verify(onnx_path, spec, precision, recipe, trust=artifacts.Trust(key=key))
     final = engines_dir / plan["engine"]
     expect = {"tensorrt": trt.__version__, "device_tag": tag}
     if final.is_file() and not force:
         try:
-            side = artifacts.verify(final, spec, precision, recipe, expect=expect)
+            side = artifacts.verify(final, spec, precision, recipe, expect=expect, trust=artifacts.Trust(key=key))
             if side.get("onnx_sha256") == onnx_side["onnx_sha256"]:
                 return final
         except ArtifactError as e:
@@ -139,6 +140,6 @@ def build_engine(spec: ComponentSpec, engines_dir: str | Path, precision: Precis
     side |= {"tensorrt": trt.__version__, "device_tag": tag, "device_name": torch.cuda.get_device_name(),
              "engine_sha256": hashlib.sha256(data).hexdigest(), "build": plan,
              "toolchain": onnx_side["toolchain"] | {"tensorrt": trt.__version__}}
-    artifacts.sidecar_path(final).write_text(json.dumps(side, indent=2, sort_keys=True))
+    atomic.write_text(artifacts.sidecar_path(final), json.dumps(artifacts.sign(side, key), indent=2, sort_keys=True))
     log.info("wrote %s", final.name)
     return final

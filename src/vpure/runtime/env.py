@@ -8,6 +8,7 @@
 | VPURE_PROGRESS | ``0`` disables progress bars | bars on a terminal only |
 | VPURE_NUM_THREADS | CPU threads for torch and the native kernels | torch's default |
 | VPURE_RETAIN_CPU_MEMORY | ``0`` keeps glibc's default malloc thresholds (:mod:`vpure.runtime.memory`) | retained |
+| VPURE_ENGINES_KEY | key that signs exported engines and that the runtime verifies them with (:mod:`vpure.runtime.artifacts`) | none: unsigned |
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Environment:
     progress: bool | None  # None: decide by whether stderr is a terminal
     num_threads: int | None
     retain_cpu_memory: bool
+    engines_key: bytes | None = None
 
 
 def _default_data_dir() -> Path | None:
@@ -67,6 +69,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         progress=progress,
         num_threads=threads,
         retain_cpu_memory=env.get("VPURE_RETAIN_CPU_MEMORY", "1").strip().lower() not in ("0", "false", "no", "off"),
+        engines_key=env["VPURE_ENGINES_KEY"].encode() if env.get("VPURE_ENGINES_KEY") else None,
     )
 
 

@@ -57,6 +57,10 @@ class RuntimeConfig(ConfigBase):
     device: str = "cpu"
     engines_dir: Path | None = None
     components: Mapping[str, ComponentChoice] = field(default_factory=dict)
+    # Serve engines exported from other weights than the deployment's (refused otherwise).
+    allow_stale: bool = False
+    # File holding the key engines must be signed with (else VPURE_ENGINES_KEY; neither: unsigned).
+    engines_key_file: Path | None = None
 
     def validate(self) -> None:
         check(self.device == "cpu" or self.device == "cuda" or

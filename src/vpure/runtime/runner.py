@@ -134,17 +134,32 @@ def load_components(cfg: RunConfig) -> Components:
             optimise_for_inference(comps.unet)
         else:
             fold_temporal_convs(comps.unet)
+    key = None
     for fld, reg in REGISTRY_NAMES.items():
         choice = cfg.runtime.components.get(reg)
         if choice is None or choice.backend == "torch" and choice.precision.value == "fp32" and not choice.compile:
             continue
+        from .artifacts import Trust, engines_key, source_hash
         from .backends import as_module_call, create_backend
 
-        spec = comps.specs[reg]
-        backend = create_backend(spec, choice, module=getattr(comps, fld), device=cfg.runtime.device,
-                                 engines_dir=cfg.runtime.engines_dir, reuse_outputs=False)
+        spec, module, trust = comps.specs[reg], getattr(comps, fld), None
+        if choice.backend != "torch":  # an engine: it must come from these weights (and be signed, with a key)
+            key = key or engines_key(cfg.runtime.engines_key_file)
+            trust = Trust(source_hash(module, _weight_files(cfg, fld)), key, cfg.runtime.allow_stale)
+        backend = create_backend(spec, choice, module=module, device=cfg.runtime.device,
+                                 engines_dir=cfg.runtime.engines_dir, reuse_outputs=False, trust=trust)
         setattr(comps, fld, as_module_call(backend))
     return comps
+
+
+def _weight_files(cfg: RunConfig, fld: str) -> list[Path]:
+    """The files component ``fld`` of the model set was loaded from (none for random-init ones)."""
+    if cfg.models != "miniworld":
+        return []
+    from .miniworld.models import WEIGHTS_DIR
+
+    name = {"encoder": "vae", "decoder": "vae"}.get(fld, fld)
+    return [Path(cfg.weights or WEIGHTS_DIR) / f"{name}.safetensors"]
 
 
 class CachedFlow:

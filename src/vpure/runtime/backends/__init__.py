@@ -32,12 +32,14 @@ def backend_names() -> tuple[str, ...]:
 
 
 def create_backend(spec: ComponentSpec, choice: ComponentChoice, *, module: Any = None,
-                   device: str = "cpu", engines_dir: Any = None, reuse_outputs: bool = False) -> Backend:
+                   device: str = "cpu", engines_dir: Any = None, reuse_outputs: bool = False,
+                   trust: Any = None) -> Backend:
     """The backend ``choice`` names for ``spec``.
 
     ``reuse_outputs``: engine backends return their preallocated output buffers themselves
     (valid until the next call) instead of copies; for callers that consume each output
-    before calling again.
+    before calling again. ``trust`` (:class:`~vpure.runtime.artifacts.Trust`): what an engine
+    must match beyond its request, the weights it came from and the folder's signing key.
     """
     ref = _FACTORIES.get(choice.backend)
     if ref is None:
@@ -47,7 +49,8 @@ def create_backend(spec: ComponentSpec, choice: ComponentChoice, *, module: Any 
         )
     mod, _, fn = ref.partition(":")
     factory = getattr(importlib.import_module(mod), fn)
-    return factory(spec, choice, module=module, device=device, engines_dir=engines_dir, reuse_outputs=reuse_outputs)
+    return factory(spec, choice, module=module, device=device, engines_dir=engines_dir, reuse_outputs=reuse_outputs,
+                   trust=trust)
 
 
 def backend_from_config(config, name: str, *, module: Any = None, reuse_outputs: bool = False) -> Backend:

@@ -46,11 +46,11 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, spec: ComponentSpec, path, precision: Precision, recipe=None, device: str = "cpu", *,
-                 reuse_outputs: bool = False):
+                 reuse_outputs: bool = False, trust=None):
         import onnxruntime as ort
 
         self.spec, self.precision, self.path = spec, precision, path
-        self.sidecar = verify(path, spec, precision, recipe)
+        self.sidecar = verify(path, spec, precision, recipe, trust=trust)
         cal = self.sidecar.get("calibration") or {}
         if (precision is Precision.INT8 and torch.device(device).type == "cpu" and cal.get("reduce_range") is False
                 and x86_without_vnni()):
@@ -95,8 +95,8 @@ class OrtBackend:
 
 
 def create(spec: ComponentSpec, choice: ComponentChoice, *, module: Any = None, device: str = "cpu",
-           engines_dir: Any = None, reuse_outputs: bool = False) -> OrtBackend:
+           engines_dir: Any = None, reuse_outputs: bool = False, trust=None) -> OrtBackend:
     if engines_dir is None:
         raise ConfigError(f"component {spec.name!r}: the onnxruntime backend needs engines_dir")
     path = find_artifact(engines_dir, spec, choice.precision, choice.recipe)
-    return OrtBackend(spec, path, choice.precision, choice.recipe, device, reuse_outputs=reuse_outputs)
+    return OrtBackend(spec, path, choice.precision, choice.recipe, device, reuse_outputs=reuse_outputs, trust=trust)

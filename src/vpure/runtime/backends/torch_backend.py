@@ -95,7 +95,8 @@ class TorchBackend:
 
 
 def create(spec: ComponentSpec, choice: ComponentChoice, *, module: Any = None, device: str = "cpu",
-           engines_dir: Any = None, reuse_outputs: bool = False) -> TorchBackend:
+           engines_dir: Any = None, reuse_outputs: bool = False, trust=None) -> TorchBackend:
+    """``trust`` is for engines; a torch module is its own source."""
     if module is None:
         raise ConfigError(f"component {spec.name!r}: the torch backend needs a module (build or load one)")
     return TorchBackend(spec, module, choice.precision, device, compile=choice.compile, calibration=choice.recipe)

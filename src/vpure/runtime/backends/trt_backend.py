@@ -53,7 +53,7 @@ class TrtBackend:
     name = "tensorrt"
 
     def __init__(self, spec: ComponentSpec, path, precision: Precision, recipe=None, device: str = "cuda", *,
-                 cuda_graph: bool = False, reuse_outputs: bool = False):
+                 cuda_graph: bool = False, reuse_outputs: bool = False, trust=None):
         import tensorrt as trt
 
         self.spec, self.precision, self.path = spec, precision, path
@@ -61,7 +61,8 @@ class TrtBackend:
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         tag = device_tag(torch.cuda.get_device_capability(self.device))
-        self.sidecar = verify(path, spec, precision, recipe, expect={"tensorrt": trt.__version__, "device_tag": tag})
+        self.sidecar = verify(path, spec, precision, recipe, expect={"tensorrt": trt.__version__, "device_tag": tag},
+                              trust=trust)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
@@ -126,7 +127,7 @@ class TrtBackend:
 
 
 def create(spec: ComponentSpec, choice: ComponentChoice, *, module: Any = None, device: str = "cuda",
-           engines_dir: Any = None, reuse_outputs: bool = False) -> TrtBackend:
+           engines_dir: Any = None, reuse_outputs: bool = False, trust=None) -> TrtBackend:
     why = unavailable_reason(device)
     if why:
         raise BackendUnavailable(f"component {spec.name!r}: the tensorrt backend is unavailable: {why}")
@@ -139,4 +140,4 @@ def create(spec: ComponentSpec, choice: ComponentChoice, *, module: Any = None, 
     path = find_artifact(engines_dir, spec, choice.precision, choice.recipe,
                          name=engine_name(spec, choice.precision, choice.recipe, trt.__version__, tag))
     return TrtBackend(spec, path, choice.precision, choice.recipe, device, cuda_graph=choice.cuda_graph,
-                      reuse_outputs=reuse_outputs)
+                      reuse_outputs=reuse_outputs, trust=trust)

@@ -14,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="run every component from ONNX Runtime fp32 artefacts in this folder")
     src.add_argument("--torch", action="store_true", help="run every component in torch (the default)")
     p.add_argument("--out", type=Path, default=None, help="append JSON lines here (default: stdout)")
+    p.add_argument("--allow-stale", action="store_true",
+                   help="serve engines exported from other weights than the ones loaded (refused otherwise)")
     p.add_argument("--window", type=int, default=None, help="frames per clip (default 16)")
     p.add_argument("--stride", type=int, default=None, help="frames between clip starts (default 8)")
     p.add_argument("--frame-step", type=int, default=None, help="keep every k-th decoded frame (default 1)")
@@ -45,6 +47,8 @@ def config_from_args(args: argparse.Namespace):
             r: ComponentChoice(backend="onnxruntime") for r in REGISTRY_NAMES.values()})
     elif args.torch:
         changes["runtime"] = RuntimeConfig(device=cfg.runtime.device)
+    if args.allow_stale:
+        changes["runtime"] = changes.get("runtime", cfg.runtime).replace(allow_stale=True)
     return cfg.replace(**changes) if changes else cfg
 
 
