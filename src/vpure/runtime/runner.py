@@ -47,6 +47,7 @@ from .videopure import VideoPureConfig
 log = get_logger(__name__)
 
 MODEL_SETS = ("miniworld", "tiny")
+MAX_WINDOW = 512  # frames per clip: recognisers take 8-64; the bound keeps a typo from allocating gigabytes
 FLOWS = ("raft", "dis")
 
 
@@ -68,8 +69,8 @@ class RunConfig(ConfigBase):
     gate_ahead: bool = True
 
     def validate(self) -> None:
-        check(self.window >= 2, f"RunConfig.window must be >= 2, got {self.window}")
-        check(self.stride >= 1, f"RunConfig.stride must be >= 1, got {self.stride}")
+        check(2 <= self.window <= MAX_WINDOW, f"RunConfig.window must be in [2, {MAX_WINDOW}], got {self.window}")
+        check(1 <= self.stride <= MAX_WINDOW, f"RunConfig.stride must be in [1, {MAX_WINDOW}], got {self.stride}")
         check(self.flow in FLOWS, f"RunConfig.flow {self.flow!r} is not one of {FLOWS}")
         check(self.models in MODEL_SETS, f"RunConfig.models {self.models!r} is not one of {MODEL_SETS}")
         check(self.max_consecutive_failures >= 1, "RunConfig.max_consecutive_failures must be >= 1")
@@ -101,6 +102,12 @@ def load_components(cfg: RunConfig) -> Components:
     from .memory import retain_cpu_memory
 
     retain_cpu_memory()  # freed activations stay in the process: no fresh pages per call
+    device = torch.device(cfg.runtime.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from .errors import BackendUnavailable
+
+        raise BackendUnavailable(f"runtime.device is {cfg.runtime.device!r} but torch sees no CUDA device here "
+                                 f"(torch {torch.__version__}); set device = \"cpu\" to run on the CPU")
 
     if cfg.models == "miniworld":
         from .miniworld.dataset import CLASSES
@@ -134,6 +141,10 @@ def load_components(cfg: RunConfig) -> Components:
             optimise_for_inference(comps.unet)
         else:
             fold_temporal_convs(comps.unet)
+    if device.type != "cpu":  # torch-served modules run where the runtime says, not silently on the CPU
+        for fld in REGISTRY_NAMES:
+            if isinstance(getattr(comps, fld), torch.nn.Module):
+                setattr(comps, fld, getattr(comps, fld).to(device))
     key = None
     for fld, reg in REGISTRY_NAMES.items():
         choice = cfg.runtime.components.get(reg)
@@ -363,7 +374,7 @@ class RunSummary:
         bad = ", ".join(f"{k} {v}" for k, v in sorted(self.nonfinite.items()))
         return (f"{self.clips} clips ({routes}; {self.failed} failed{f'; NaN/Inf from {bad}' if bad else ''}), {latency}; {s.get('kept', 0)} frames kept of "
                 f"{s.get('decoded', 0)} decoded, {s.get('decode_errors', 0)} decode errors, "
-                f"{s.get('size_changes', 0)} size changes; ended by: "
+                f"{s.get('size_changes', 0)} size changes{f', {too} too small' if (too := s.get('too_small')) else ''}; ended by: "
                 f"{self._interruption() if self.interrupted else self.stopped or s.get('ended_by', '?')}")
 
     def _interruption(self) -> str:
@@ -377,13 +388,14 @@ class Runner:
         self.cfg = cfg
         self.components = components or load_components(cfg)
         self.shield, self.flow = build_shield(self.components, cfg)
+        self.device = torch.device(cfg.runtime.device)
         self.frames = self.shield.detector.frame_classifier  # the CachedFrameLogits
 
     def process(self, clip: torch.Tensor, frame_ids: list[int]):
         """One window through the Shield -> its record (the Shield validates the clip)."""
         self.flow.set_window(frame_ids)
         self.frames.set_window(frame_ids)
-        return self.shield(clip)[0]
+        return self.shield(clip.to(self.device, non_blocking=True))[0]
 
     def _label_ahead(self, windows: Windows, n: int) -> bool:
         """Label the last ``n`` frames for the gate before their window is complete. Called
@@ -482,7 +494,7 @@ class Runner:
             decoder.stop()
             st = decoder.stats
             summary.stream = {"decoded": st.decoded, "kept": st.kept, "decode_errors": st.decode_errors,
-                              "size_changes": st.size_changes, "ended_by": st.ended_by}
+                              "size_changes": st.size_changes, "too_small": st.too_small, "ended_by": st.ended_by}
             summary.flow_pairs = {"computed": self.flow.computed, "reused": self.flow.reused}
             summary.frame_labels = {"computed": self.frames.computed, "reused": self.frames.reused,
                                     "ahead": self.frames.ahead}

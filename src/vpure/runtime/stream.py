@@ -10,9 +10,13 @@ detection gate (``Runner``), so a clean window's latency is the recogniser's plu
 frame's label; ``realtime`` plays a file at its frame rate to reproduce that.
 
 Robustness: a packet that fails to decode is counted and skipped (``decode_errors``); a
-frame of another size goes through the same crop/resize as every frame and is counted
-(``size_changes``); an input that cannot be opened raises :class:`InputError` at once; too
-many consecutive decode errors end the stream with a clear message.
+frame of another size goes through the same crop/resize as every frame, and each change
+of size is logged once and counted (``size_changes``); frames smaller than
+``min_input_size`` are not upscaled into a clip but skipped and counted (``too_small``);
+an input that cannot be opened raises :class:`InputError` at once; too many consecutive
+decode errors end the stream with a clear message; a file that ends before the frame
+count its container declares says so; a stream that sends nothing for ``read_timeout_s``
+ends with that reason.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from .video import open_video
 log = get_logger(__name__)
 
 RESIZE_POLICIES = ("center_crop", "resize", "pad")
+MAX_SIZE = 1024  # the models' input side: larger is no recogniser's input and an allocation hazard
+MAX_QUEUE_FRAMES = 4096
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 URL_SCHEMES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
@@ -52,12 +58,20 @@ class StreamConfig(ConfigBase):
     # played as a stream (testing a box, benchmarking live latency). Stream URLs are paced
     # by their source already.
     realtime: bool = False
+    # Frames whose shorter side is below this are refused (a 1x1 video upscaled to the
+    # model's size would be labelled as if it were footage).
+    min_input_size: int = 16
+    read_timeout_s: float = 10.0  # a stream URL that sends nothing this long has stalled
 
     def validate(self) -> None:
-        check(self.size >= 8, f"StreamConfig.size must be >= 8, got {self.size}")
+        check(8 <= self.size <= MAX_SIZE, f"StreamConfig.size must be in [8, {MAX_SIZE}], got {self.size}")
+        check(1 <= self.min_input_size <= 4096, f"StreamConfig.min_input_size must be in [1, 4096], got "
+                                                f"{self.min_input_size}")
+        check(0 < self.read_timeout_s <= 600, f"StreamConfig.read_timeout_s must be in (0, 600], got {self.read_timeout_s}")
         check(self.resize in RESIZE_POLICIES, f"StreamConfig.resize {self.resize!r} is not one of {RESIZE_POLICIES}")
         check(self.frame_step >= 1, f"StreamConfig.frame_step must be >= 1, got {self.frame_step}")
-        check(self.queue_frames >= 1, f"StreamConfig.queue_frames must be >= 1, got {self.queue_frames}")
+        check(1 <= self.queue_frames <= MAX_QUEUE_FRAMES,
+              f"StreamConfig.queue_frames must be in [1, {MAX_QUEUE_FRAMES}], got {self.queue_frames}")
         check(self.max_consecutive_errors >= 1, "StreamConfig.max_consecutive_errors must be >= 1")
 
 
@@ -74,7 +88,10 @@ class StreamStats:
     kept: int = 0
     decode_errors: int = 0
     size_changes: int = 0
+    too_small: int = 0  # frames below min_input_size, skipped
+    declared_frames: int = 0  # what the container says it holds (0: unknown, a stream)
     first_size: tuple[int, int] | None = None
+    last_size: tuple[int, int] | None = None
     error_messages: list[str] = field(default_factory=list)
     ended_by: str = ""
 
@@ -103,8 +120,10 @@ def is_url(source: str) -> bool:
 def _raw_frames_av(source: str, stats: StreamStats, cfg: StreamConfig) -> Iterator[tuple[float, np.ndarray]]:
     import av
 
-    with open_video(source, timeout=10.0 if is_url(source) else None) as container:
+    url = is_url(source)
+    with open_video(source, timeout=cfg.read_timeout_s if url else None) as container:
         stream = container.streams.video[0]
+        stats.declared_frames = 0 if url else int(stream.frames or 0)
         stream.thread_type = "AUTO"
         tb = float(stream.time_base) if stream.time_base else 0.0
         fps = float(stream.average_rate) if stream.average_rate else 25.0
@@ -115,10 +134,11 @@ def _raw_frames_av(source: str, stats: StreamStats, cfg: StreamConfig) -> Iterat
                 packet = next(demux)
             except StopIteration:
                 break
-            except av.error.FFmpegError as e:  # a broken container mid-file
+            except av.error.FFmpegError as e:  # a broken container mid-file, or a stalled stream
                 stats.decode_errors += 1
                 stats.error_messages.append(f"demux: {e}")
-                stats.ended_by = f"demux error: {e}"
+                stats.ended_by = (f"the stream sent nothing for {cfg.read_timeout_s:g} s (read timeout)"
+                                  if url and isinstance(e, av.error.ExitError) else f"demux error: {e}")
                 return
             try:
                 frames = packet.decode()
@@ -144,6 +164,7 @@ def _raw_frames_folder(folder: Path, stats: StreamStats, fps: float = 25.0) -> I
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InputError(f"folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    stats.declared_frames = len(files)
     for i, p in enumerate(files):
         img = cv2.imread(str(p), cv2.IMREAD_COLOR)
         if img is None:
@@ -152,6 +173,8 @@ def _raw_frames_folder(folder: Path, stats: StreamStats, fps: float = 25.0) -> I
             log.warning("skipped unreadable image %s", p)
             continue
         yield i / fps, cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if stats.decoded == 0:
+        raise InputError(f"folder {folder}: none of its {len(files)} images could be read")
 
 
 def frames(source: str | Path, cfg: StreamConfig, stats: StreamStats | None = None) -> Iterator[Frame]:
@@ -171,16 +194,30 @@ def frames(source: str | Path, cfg: StreamConfig, stats: StreamStats | None = No
         shape = rgb.shape[:2]
         if stats.first_size is None:
             stats.first_size = shape
-        elif shape != stats.first_size:
+        elif shape != stats.last_size:  # once per change, not per frame
             stats.size_changes += 1
-            log.warning("frame %d is %dx%d, the stream started at %dx%d; resized by the same policy",
-                        i, shape[1], shape[0], stats.first_size[1], stats.first_size[0])
+            log.warning("from frame %d on, frames are %dx%d (were %dx%d); resized by the same policy",
+                        i, shape[1], shape[0], stats.last_size[1], stats.last_size[0])
+        stats.last_size = shape
+        if min(shape) < cfg.min_input_size:
+            if stats.too_small == 0:
+                log.warning("%s: frame %d is %dx%d, below the minimum input size of %d px; such frames are "
+                            "skipped, not upscaled", src, i, shape[1], shape[0], cfg.min_input_size)
+            stats.too_small += 1
+            continue
         if i % cfg.frame_step:
             continue
         yield Frame(stats.kept, t, fit_frame(rgb, cfg.size, cfg.resize))
         stats.kept += 1
+    if stats.kept == 0 and stats.too_small:
+        raise InputError(f"{src}: every frame is smaller than the minimum input size of {cfg.min_input_size} px "
+                         f"(first {stats.first_size[1]}x{stats.first_size[0]}); stream.min_input_size sets it")
     if not stats.ended_by:
         stats.ended_by = "end of input"
+        if stats.declared_frames and stats.decoded + stats.decode_errors < stats.declared_frames - 1:
+            stats.ended_by = (f"input ended early: {stats.decoded} frames decoded of the {stats.declared_frames} "
+                              "its container declares (a truncated or damaged file)")
+            log.warning("%s: %s", src, stats.ended_by)
 
 
 _END = object()

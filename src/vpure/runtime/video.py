@@ -19,6 +19,8 @@ def open_video(source: str | Path, *, timeout: float | None = None, verb: str = 
         container = av.open(str(source), timeout=timeout) if timeout else av.open(str(source))
     except (av.error.FFmpegError, OSError) as e:
         hint = ""
+        if timeout and isinstance(e, av.error.ExitError):  # FFmpeg's interrupt: our timeout fired
+            raise InputError(f"cannot {verb} {source}: no data within {timeout:g} s (read timeout)") from None
         if isinstance(e, av.error.InvalidDataError) and Path(source).is_file():
             hint = (" (the file is empty)" if Path(source).stat().st_size == 0 else
                     " (not a video FFmpeg can parse: a truncated MP4/MOV whose index (moov atom) was cut "

@@ -1,0 +1,122 @@
+"""Bad inputs end in one clear error or a counted, stated skip: never a traceback, a hang or
+a silently wrong result."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from vpure.runtime.errors import BackendUnavailable, ConfigError, InputError
+from vpure.runtime.runconfig import RuntimeConfig
+from vpure.runtime.runner import Runner, RunConfig, load_components
+from vpure.runtime.stream import StreamConfig, StreamStats, frames
+
+TINY = RunConfig(models="tiny", flow="dis", window=8, stride=4)
+
+
+@pytest.fixture(scope="module")
+def comps():
+    return load_components(TINY)
+
+
+def _run(source, comps, cfg=TINY):
+    out = io.StringIO()
+    summary = Runner(cfg, comps).run(source, out, progress=False)
+    return summary, [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def _write_video(path, frames_hw, n=20):
+    h, w = frames_hw
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (w, h))
+    for i in range(n):
+        vw.write(np.full((h, w, 3), (i * 11) % 255, np.uint8))
+    vw.release()
+    return path
+
+
+def test_a_1x1_video_is_refused_not_upscaled(tmp_path, comps):
+    summary, records = _run(_write_video(tmp_path / "dot.avi", (1, 1)), comps)
+    assert records == [] and "smaller than the minimum input size of 16 px" in summary.stopped
+    assert summary.stream["too_small"] == 20
+
+
+def test_a_truncated_file_says_what_its_container_promised(tmp_path, data_dir, caplog):
+    cut = tmp_path / "cut.avi"
+    data = (data_dir / "vtest.avi").read_bytes()
+    cut.write_bytes(data[:len(data) // 3])
+    stats = StreamStats()
+    with caplog.at_level("WARNING"):
+        n = sum(1 for _ in frames(cut, StreamConfig(), stats))
+    assert 0 < n < stats.declared_frames
+    assert stats.ended_by.startswith(f"input ended early: {n} frames decoded of the {stats.declared_frames}")
+    whole = StreamStats()
+    sum(1 for _ in frames(data_dir / "vtest.avi", StreamConfig(frame_step=50), whole))
+    assert whole.ended_by == "end of input"
+
+
+def test_a_folder_with_no_readable_image_is_an_error(tmp_path, comps):
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="none of its 3 images could be read"):
+        _run(tmp_path, comps)
+
+
+def test_a_size_change_is_logged_once_and_counted(tmp_path, caplog):
+    for i in range(12):
+        size = 64 if i < 6 else 80
+        cv2.imwrite(str(tmp_path / f"{i:02d}.png"), np.full((size, size, 3), 100, np.uint8))
+    stats = StreamStats()
+    with caplog.at_level("WARNING"):
+        assert sum(1 for _ in frames(tmp_path, StreamConfig(), stats)) == 12
+    assert stats.size_changes == 1 and caplog.text.count("resized by the same policy") == 1
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"stream": {"size": 4096}}, "StreamConfig.size must be in [8, 1024]"),
+    ({"window": 100_000_000}, "RunConfig.window must be in [2, 512]"),
+    ({"stream": {"queue_frames": 10**9}}, "StreamConfig.queue_frames must be in"),
+    ({"stream": {"min_input_size": 0}}, "StreamConfig.min_input_size must be in"),
+])
+def test_sizes_are_bounded_before_anything_is_allocated(changes, says):
+    with pytest.raises(ConfigError, match=says.replace("[", r"\[").replace("]", r"\]")):
+        RunConfig.from_dict(changes)
+
+
+def test_cuda_without_a_gpu_is_refused_not_run_on_the_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for machines without it")
+    with pytest.raises(BackendUnavailable, match="runtime.device is 'cuda' but torch sees no CUDA device"):
+        load_components(TINY.replace(runtime=RuntimeConfig(device="cuda")))
+
+
+def test_a_stalled_stream_names_its_read_timeout():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port, held = srv.getsockname()[1], []
+
+    def accept():  # takes the connection and never answers
+        try:
+            held.append(srv.accept()[0])
+        except OSError:
+            pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(InputError, match=r"no data within 1 s \(read timeout\)"):
+            next(frames(f"http://127.0.0.1:{port}/cam.ts", StreamConfig(read_timeout_s=1.0)))
+    finally:
+        srv.close()
+        for c in held:
+            c.close()
+    assert time.monotonic() - t0 < 30
