@@ -120,3 +120,36 @@ def test_a_stalled_stream_names_its_read_timeout():
         for c in held:
             c.close()
     assert time.monotonic() - t0 < 30
+
+
+def test_weights_whose_metadata_does_not_build_the_model_are_one_line_errors(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from vpure.runtime.errors import CheckpointError
+    from vpure.runtime.miniworld.models import WEIGHTS_DIR, load
+
+    src = WEIGHTS_DIR / "frame_classifier.safetensors"
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata())
+    meta["vpure_config"] = json.dumps({**json.loads(meta["vpure_config"]), "bogus_arg": 3})
+    save_file(load_file(str(src)), str(tmp_path / "frame_classifier.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"frame_classifier.safetensors: its architecture config does not "
+                                              r"build the mini-world frame_classifier: TypeError"):
+        load("frame_classifier", tmp_path)
+
+
+def test_a_pickled_videomae_that_weights_only_refuses_is_a_one_line_error(tmp_path):
+    import datetime
+
+    from vpure.runtime.errors import CheckpointError
+    from vpure.runtime.models.videomae import load_videomae, tiny_videomae
+
+    folder = tmp_path / "videomae"
+    tiny_videomae().model.save_pretrained(folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    torch.save({"weights": datetime.datetime.now()}, folder / "pytorch_model.bin")  # not plain tensors
+    with pytest.raises(CheckpointError) as e:
+        load_videomae(folder)
+    assert str(e.value).startswith(f"cannot load VideoMAE from {folder}: ") and "\n" not in str(e.value)

@@ -174,7 +174,11 @@ def load(component: str, weights_dir: str | Path | None = None) -> torch.nn.Modu
     if not path.is_file():
         raise CheckpointError(f"mini-world weights {path} are missing; train them with `vpure train {component}`")
     state, cfg = read_state_dict(path)
-    module = build(component, cfg or None)
+    try:
+        module = build(component, cfg or None)
+    except (TypeError, ValueError, KeyError) as e:  # tampered metadata, another model's file
+        raise CheckpointError(f"{path}: its architecture config does not build the mini-world {component}: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}") from None
     return load_into(module, state, str(path)).eval()
 
 

@@ -50,8 +50,13 @@ def _check_root(root: Path) -> Path:
 def _pretrained(cls, path: Path, what: str, dtype: torch.dtype):
     try:
         return cls.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"cannot load the {what} from {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - any loader failure (a pickle weights_only refuses too) is one line
+        raise CheckpointError(f"cannot load the {what} from {path}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -72,8 +77,8 @@ def compute_empty_prompt_embedding(root: Path) -> torch.Tensor:
     tok_dir, enc_dir = _folder(root, "tokenizer"), _folder(root, "text_encoder")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"cannot load the tokenizer from {tok_dir}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot load the tokenizer from {tok_dir}: {_first_line(e)}") from None
     encoder = _pretrained(CLIPTextModel, enc_dir, "text encoder", torch.float32).eval()
     ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids

@@ -53,8 +53,10 @@ def load_videomae(path, dtype: torch.dtype = torch.float32) -> VideoMAERecognize
         raise CheckpointError(f"{path} is not a VideoMAE folder (no config.json)")
     try:
         model = VideoMAEForVideoClassification.from_pretrained(str(path), local_files_only=True, dtype=dtype)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"cannot load VideoMAE from {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - any loader failure (a pickle weights_only refuses too) is one line
+        text = str(e).strip()
+        raise CheckpointError(f"cannot load VideoMAE from {path}: {type(e).__name__}: "
+                              f"{text.splitlines()[0] if text else ''}") from None
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     pre = path / "preprocessor_config.json"
     if pre.is_file():
