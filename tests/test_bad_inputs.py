@@ -153,3 +153,61 @@ def test_a_pickled_videomae_that_weights_only_refuses_is_a_one_line_error(tmp_pa
     with pytest.raises(CheckpointError) as e:
         load_videomae(folder)
     assert str(e.value).startswith(f"cannot load VideoMAE from {folder}: ") and "\n" not in str(e.value)
+
+
+def test_block_match_with_a_huge_radius_answers_at_once_and_alike():
+    from vpure.kernels import block_match
+
+    g = torch.Generator().manual_seed(0)
+    cur, ref = (torch.randint(0, 255, (3, 16, 24), generator=g, dtype=torch.uint8) for _ in range(2))
+    want = block_match(cur, ref, radius=16, impl="native")
+    for impl in ("native", "torch", "ref"):
+        t0 = time.monotonic()
+        mv, sad = block_match(cur, ref, radius=10**6, impl=impl)
+        assert time.monotonic() - t0 < 20, impl
+        assert torch.equal(mv, want[0]) and torch.equal(sad, want[1]), impl
+
+
+def test_resize_to_an_absurd_size_is_refused():
+    from vpure.kernels.errors import KernelError
+    from vpure.kernels.resize import resize_antialiased
+
+    for impl in ("auto", "torch", "ref"):
+        with pytest.raises(KernelError, match="beyond the bounds"):
+            resize_antialiased(torch.rand(1, 4, 4), (2**31, 2), impl=impl)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_warp_l1_refuses_a_non_finite_flow_in_every_implementation(bad):
+    from vpure.kernels import warp_l1
+    from vpure.kernels.errors import KernelError
+
+    x, flow = torch.rand(1, 4, 3, 8, 8), torch.zeros(1, 2, 2, 8, 8)
+    flow[0, 1, 0, 3, 3] = bad
+    for impl in ("native", "torch", "ref"):
+        with pytest.raises(KernelError, match="flow contains NaN or Inf"):
+            warp_l1(x, flow, impl=impl)
+
+
+@pytest.mark.parametrize("shape, says", [((0, 4, 3, 8, 8), "empty"), ((1, 4, 3, 0, 8), "empty"),
+                                         ((1, 3, 3, 8, 8), "must have 4 channels")])
+def test_purify_latents_refuses_empty_and_wrong_channel_latents(shape, says):
+    from vpure.runtime.videopure import purify_latents
+
+    b, _, t, h, w = shape
+    with pytest.raises(InputError, match=says):
+        purify_latents(lambda z, t: torch.zeros_like(z), torch.zeros(shape), torch.zeros(b, t - 1, 2, h, w))
+
+
+def test_native_attention_refuses_nan_in_both_copies():
+    from vpure.kernels._dispatch import native
+    from vpure.kernels.attention import native_attention_available, small_head_attention
+    from vpure.kernels.errors import KernelError
+
+    if native() is None:
+        pytest.skip("the native extension is not built")
+    q, k, v = torch.rand(1, 16, 64), torch.rand(1, 16, 64), torch.rand(1, 16, 64)
+    k[0, 3, 5] = float("nan")
+    for portable in (True, False) if native_attention_available() else (True,):  # AVX-512 where the CPU has it
+        with pytest.raises(KernelError, match="contains NaN or Inf"):
+            small_head_attention(q, k, v, heads=8, portable=portable)

@@ -21,3 +21,9 @@ def check_warp_args(x: torch.Tensor, flow: torch.Tensor) -> None:
         raise KernelError(f"warp_l1: x and flow must be floating point, got {x.dtype} and {flow.dtype}")
     if x.device != flow.device:
         raise KernelError(f"warp_l1: x on {x.device} but flow on {flow.device}")
+    if x.numel() == 0:
+        raise KernelError(f"warp_l1: x is empty: shape {tuple(x.shape)}")
+    # One behaviour for every implementation: a NaN or Inf displacement has no pixel to
+    # sample (the native path clamped it to a border, the others gave NaN or an index error).
+    if not torch.isfinite(flow.sum(dtype=torch.float32)) and not bool(torch.isfinite(flow).all()):
+        raise KernelError("warp_l1: flow contains NaN or Inf")

@@ -15,6 +15,8 @@ processor ``vpure.runtime.models.diffusion.NativeSmallHeadAttention`` steps asid
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._dispatch import native
@@ -65,6 +67,11 @@ def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: fl
     if mod is None:
         raise KernelUnavailable("small_head_attention: the native extension is not built")
     d = _check(q, k, v, heads)
+    # The vectorised maximum (max_ps) drops a NaN operand, so the AVX-512 copy would return
+    # finite values where the scalar copy and PyTorch give NaN: non-finite inputs are refused
+    # in every copy instead (three reductions, O(L) against the kernel's O(L^2)).
+    if not all(math.isfinite(float(t.sum(dtype=torch.float32))) for t in (q, k, v)):
+        raise KernelError("small_head_attention: q, k or v contains NaN or Inf")
     q, k, v = (_heads_contiguous(t) for t in (q, k, v))
     out = torch.empty(q.shape, dtype=q.dtype)
     b, lq, _ = q.shape
@@ -90,6 +97,7 @@ def small_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     q (B, Lq, heads*D), k and v (B, Lk, heads*D): CPU, one dtype of float32/bfloat16, the
     channel dimension contiguous; D in ``HEAD_SIZES``; ``scale`` defaults to D**-0.5.
     Arithmetic in fp32 (bf16 inputs are widened, the output rounded to bf16). No autograd.
+    Inputs must be finite (KernelError otherwise, from every copy of the kernel).
     ``portable`` forces the scalar copy (the one CPUs without AVX-512 would run; tests).
     """
     # Checked here as well as in the op: a process whose sys.path holds the checkout's root

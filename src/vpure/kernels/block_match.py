@@ -169,6 +169,9 @@ def block_match(cur, ref, *, block: int = 8, radius: int = 7, impl: str = "auto"
         raise KernelError(f"block_match: H={h} and W={w} must be multiples of block={block}{hint}")
     if c4.is_floating_point() and not (bool(torch.isfinite(c4).all()) and bool(torch.isfinite(r4).all())):
         raise KernelError("block_match: cur or ref contains NaN or Inf")
+    # A vector longer than the frame puts the block outside ref, where no candidate is taken:
+    # clamping changes no result, and spares every implementation a (2r+1)^2 search of nothing.
+    radius = min(radius, max(h, w) - block)
     which = _dispatch.resolve(impl, c4.device, _IMPLS)
     if which == "ref":
         mv, sad = block_match_ref(c4.cpu().numpy(), r4.cpu().numpy(), block, radius)

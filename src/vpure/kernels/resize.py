@@ -69,6 +69,10 @@ def resize_antialiased_ref(x: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     return out.to(x.dtype)
 
 
+MAX_SIDE = 1 << 15  # output side bound: larger sizes are typos that would allocate (or loop) for minutes
+MAX_OUTPUT = 1 << 31  # output elements bound (8 GiB of float32)
+
+
 def _check(x: torch.Tensor, size) -> tuple[int, int]:
     if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.numel() == 0:
         raise KernelError(f"resize: x must be a non-empty (..., H, W) tensor, got "
@@ -81,6 +85,9 @@ def _check(x: torch.Tensor, size) -> tuple[int, int]:
         raise KernelError(f"resize: size must be (h, w), got {size!r}") from None
     if h < 1 or w < 1:
         raise KernelError(f"resize: size must be positive, got {(h, w)}")
+    if max(h, w) > MAX_SIDE or x.numel() // (x.shape[-2] * x.shape[-1]) * h * w > MAX_OUTPUT:
+        raise KernelError(f"resize: output {(h, w)} for {tuple(x.shape)} is beyond the bounds (sides <= {MAX_SIDE}, "
+                          f"<= {MAX_OUTPUT} output elements)")
     return h, w
 
 

@@ -32,6 +32,7 @@ from .config import ConfigBase, check
 from .errors import InputError, NonFiniteOutput
 
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
+LATENT_CHANNELS = 4  # SD's VAE: every eps_fn and member is (B, 4, T, h, w)
 PAPER_LATENT_NUMEL = 4 * 32 * 28 * 28  # n the paper constants were tuned for (MSE)
 PAPER_PAIR_NUMEL = 4 * 28 * 28  # C*h*w of one frame pair (per-pair L1 mean)
 VOTING = ("hard", "soft", "off")
@@ -95,6 +96,11 @@ def check_latents(z0: torch.Tensor, flow: torch.Tensor | None = None) -> None:
         raise InputError(f"latents must be a (B, C, T, h, w) tensor, got {getattr(z0, 'shape', type(z0))}")
     if not z0.is_floating_point():
         raise InputError(f"latents must be floating point, got {z0.dtype}")
+    if z0.shape[1] != LATENT_CHANNELS:
+        raise InputError(f"latents must have {LATENT_CHANNELS} channels (Stable Diffusion's latent space), "
+                         f"got shape {tuple(z0.shape)}")
+    if min(z0.shape) == 0:
+        raise InputError(f"latents are empty: shape {tuple(z0.shape)}")
     if not all_finite(z0):
         raise InputError("latents contain NaN or Inf")
     if flow is not None:
