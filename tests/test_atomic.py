@@ -55,3 +55,21 @@ def test_a_corrupt_mini_world_cache_is_rebuilt_with_a_warning(tmp_path, monkeypa
     assert "does not load" in caplog.text and "rebuilding" in caplog.text
     assert torch.equal(again, clips) and torch.equal(again_labels, labels)
     assert torch.load(cache, weights_only=True)["clips"].shape == clips.shape  # rewritten whole
+
+
+def test_two_exports_into_one_folder_at_once_both_succeed(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "vpure", "export", "--tiny", "--components", "frame_classifier,comdefend",
+           "--out", str(tmp_path), "--force"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+    from vpure.runtime import artifacts, registry
+    from vpure.runtime.precision import Precision
+
+    for name in ("frame_classifier", "comdefend"):
+        spec = registry.get(name)
+        artifacts.verify(artifacts.find_artifact(tmp_path, spec, Precision.FP32), spec, Precision.FP32)

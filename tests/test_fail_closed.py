@@ -130,3 +130,26 @@ def test_nan_gate_and_recogniser_on_real_footage_write_no_clean_record(data_dir)
     assert all(r.get("route") != "clean" and r["failed_component"] == "recognizer" for r in records)
     assert summary.to_dict()["nonfinite"] == {"recognizer": 3}
     assert "NaN/Inf from recognizer 3" in summary.text()
+
+
+def test_an_engine_that_returns_inf_fails_closed(tmp_path, monkeypatch):
+    """A real ONNX Runtime gate whose outputs overflow (as an fp16 engine can) never routes clean."""
+    from vpure.export.exporter import export_component
+    from vpure.runtime import registry
+    from vpure.runtime.backends.ort_backend import OrtBackend
+    from vpure.runtime.runconfig import ComponentChoice, RuntimeConfig
+
+    spec = registry.get("frame_classifier")
+    export_component(spec, spec.build(seed=0), tmp_path, "fp32")
+    real_call = OrtBackend.__call__
+
+    def overflowing(self, **inputs):
+        return {k: v * float("inf") for k, v in real_call(self, **inputs).items()}
+
+    monkeypatch.setattr(OrtBackend, "__call__", overflowing)
+    cfg = RunConfig(models="tiny", flow="dis", window=8, stride=4, shield=ShieldConfig(on_nonfinite="report"),
+                    runtime=RuntimeConfig(engines_dir=tmp_path,
+                                          components={"frame_classifier": ComponentChoice(backend="onnxruntime")}))
+    comps = load_components(cfg)
+    with pytest.raises(NonFiniteOutput, match="frame_classifier"):
+        Runner(cfg, comps).process(torch.rand(1, 3, 8, 64, 64), list(range(8)))
