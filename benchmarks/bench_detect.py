@@ -31,10 +31,17 @@ from vpure.runtime.temporal_defence import TemporalDefenceConfig, repair_clip
 from .footage import load_clip
 
 
+GROUPS = ("detect", "finite_checks", "temporal_defence", "shield_clean")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV to append rows to ('' for none)")
+    p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}")
     args = p.parse_args(argv)
+    groups = set(args.groups.split(","))
+    if groups - set(GROUPS):
+        p.error(f"unknown groups {sorted(groups - set(GROUPS))}; known: {','.join(GROUPS)}")
     frames = load_clip("vtest.avi", frames=32, size=224)
     u8 = torch.from_numpy(frames).permute(3, 0, 1, 2).contiguous()  # (3, T, H, W)
     clip = (u8.float() / 255)[None]
@@ -47,19 +54,21 @@ def main(argv=None) -> None:
             return r18(clip)
 
     same_shape = lambda out, ref: f"routes {out.route}"  # noqa: E731
-    benchmark.run("detect", "vtest.avi 32x224x224, 1 clip", benchmark.Case("resnet18 forward alone", forward_r18),
-                  [benchmark.Case("gate, tiny frame classifier", lambda: Detector(tiny)(clip), same_shape),
-                   benchmark.Case("gate, resnet18 frame classifier", lambda: Detector(r18)(clip), same_shape)],
-                  csv_path=args.csv, min_iters=5, min_time_s=2.0)
+    if "detect" in groups:
+        benchmark.run("detect", "vtest.avi 32x224x224, 1 clip", benchmark.Case("resnet18 forward alone", forward_r18),
+                      [benchmark.Case("gate, tiny frame classifier", lambda: Detector(tiny)(clip), same_shape),
+                       benchmark.Case("gate, resnet18 frame classifier", lambda: Detector(r18)(clip), same_shape)],
+                      csv_path=args.csv, min_iters=5, min_time_s=2.0)
 
     gate_logits, rec_logits = forward_r18(), torch.randn(1, 400)
     flow = torch.randn(1, 31, 2, 224, 224)
-    benchmark.run("finite_checks", "vtest.avi 32x224x224; logits (1, 32, 10) / (1, 400), flow (1, 31, 2, 224, 224)",
-                  benchmark.Case("resnet18 gate forward", forward_r18),
-                  [benchmark.Case("check gate logits", lambda: require_finite(gate_logits, "gate")),
-                   benchmark.Case("check recogniser logits", lambda: require_finite(rec_logits, "recognizer")),
-                   benchmark.Case("check flow", lambda: require_finite(flow, "flow"))],
-                  csv_path=args.csv, min_iters=20, min_time_s=1.0)
+    if "finite_checks" in groups:
+        benchmark.run("finite_checks", "vtest.avi 32x224x224; logits (1, 32, 10) / (1, 400), flow (1, 31, 2, 224, 224)",
+                      benchmark.Case("resnet18 gate forward", forward_r18),
+                      [benchmark.Case("check gate logits", lambda: require_finite(gate_logits, "gate")),
+                       benchmark.Case("check recogniser logits", lambda: require_finite(rec_logits, "recognizer")),
+                       benchmark.Case("check flow", lambda: require_finite(flow, "flow"))],
+                      csv_path=args.csv, min_iters=20, min_time_s=1.0)
 
     g = torch.Generator().manual_seed(0)
     exc = [4, 11, 19, 26]
@@ -72,10 +81,13 @@ def main(argv=None) -> None:
         assert torch.equal(out, ref), "repaired clips differ"
         return "exact"
 
-    benchmark.run("temporal_defence", "vtest.avi 32x224x224 u8, 4 exception frames, QP 32",
-                  benchmark.Case("torch block matching", lambda: repair_clip(adv, exc, TemporalDefenceConfig(impl="torch"))),
-                  [benchmark.Case("native", lambda: repair_clip(adv, exc, TemporalDefenceConfig(impl="native")), same)],
-                  csv_path=args.csv, min_iters=3, min_time_s=1.0, warmup=1)
+    if "temporal_defence" in groups:
+        benchmark.run("temporal_defence", "vtest.avi 32x224x224 u8, 4 exception frames, QP 32",
+                      benchmark.Case("torch block matching", lambda: repair_clip(adv, exc, TemporalDefenceConfig(impl="torch"))),
+                      [benchmark.Case("native", lambda: repair_clip(adv, exc, TemporalDefenceConfig(impl="native")), same)],
+                      csv_path=args.csv, min_iters=3, min_time_s=1.0, warmup=1)
+    if "shield_clean" not in groups:
+        return
     i3d = i3d_nl5_resnet50(400).eval()
 
     def i3d_alone():
