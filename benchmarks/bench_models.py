@@ -235,7 +235,7 @@ class _MemberDecode(torch.nn.Module):
         self.decoder = decoder
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        from vpure.runtime.defence import decode_frames
+        from vpure.runtime.purifier import decode_frames
 
         return decode_frames(self.decoder, z)
 

@@ -17,10 +17,10 @@ import statistics
 import torch
 
 from vpure.runtime import benchmark, presets
-from vpure.runtime.defence import VideoPure
+from vpure.runtime.purifier import VideoPure
 from vpure.runtime.flow import DISFlow
 from vpure.runtime.models.diffusion import eps_fn_of
-from vpure.runtime.videopure_reference import ReleasedVideoPure
+from vpure.lab.released_reference import ReleasedVideoPure
 
 from .footage import load_clip
 

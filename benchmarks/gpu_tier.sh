@@ -28,7 +28,7 @@ step info 60 python3 -m vpure info
 frames=$(mktemp -d)
 step frames 60 python3 -c "
 import cv2
-from vpure.runtime.endtoend import default_clip
+from vpure.lab.bench_e2e import default_clip
 clip = default_clip(32, 224)
 for t in range(clip.shape[1]):
     rgb = (clip[:, t].permute(1, 2, 0).numpy() * 255).round().astype('uint8')

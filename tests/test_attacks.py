@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from vpure.runtime import registry
-from vpure.runtime.attacks import BPDAOracle, EOTOracle, ModelOracle, TTOracle, apgd, attack, pgd
-from vpure.runtime.attacks.apgd import dlr_loss
-from vpure.runtime.attacks.fullgrad import FullGradOracle, member_logits
-from vpure.runtime.attacks.gate import GateOracle
+from vpure.lab.attacks import BPDAOracle, EOTOracle, ModelOracle, TTOracle, apgd, attack, pgd
+from vpure.lab.attacks.apgd import dlr_loss
+from vpure.lab.attacks.fullgrad import FullGradOracle, member_logits
+from vpure.lab.attacks.gate import GateOracle
 from vpure.runtime.errors import InputError
 
 
@@ -98,7 +98,7 @@ def test_gate_attack_keeps_frame_labels_while_fooling(model, clips):
 def _tiny_videopure64():
     from tinyworld import tiny_world
 
-    from vpure.runtime.defence import VideoPure
+    from vpure.runtime.purifier import VideoPure
     from vpure.runtime.models.diffusion import eps_fn_of
     from vpure.runtime.videopure import VideoPureConfig
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from vpure.runtime import presets
 from vpure.runtime.cli import main
 from vpure.runtime.errors import ConfigError
-from vpure.runtime.flops import achieved_rates, clip_flops, count_flops, purify_calls
+from vpure.lab.flops import achieved_rates, clip_flops, count_flops, purify_calls
 from vpure.runtime.videopure import VideoPureConfig
 
 

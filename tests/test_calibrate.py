@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from vpure.runtime.calibrate import best, calibrate, sweep
+from vpure.runtime.thresholds import best, calibrate, sweep
 from vpure.runtime.errors import InputError
 
 

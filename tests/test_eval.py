@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from vpure.runtime.eval_tables import write_tables
-from vpure.runtime.evaluation import (EvalConfig, applicable, evaluate, load_results, weights_digests, weights_id,
+from vpure.lab.tables import write_tables
+from vpure.lab.evaluation import (EvalConfig, applicable, evaluate, load_results, weights_digests, weights_id,
                                       wilson)
 from vpure.runtime.miniworld.models import COMPONENTS
 
@@ -84,7 +84,7 @@ def test_worker_processes_give_identical_results(first_run, tmp_path):
 
 
 def test_ray_runner_gives_identical_results(first_run, tmp_path):
-    pytest.importorskip("ray", reason="ray is an optional extra (pip install 'vpure[ray]') not installed here")
+    pytest.importorskip("ray", reason="ray is an optional extra (pip install 'vpure[lab]') not installed here")
     out, cache = first_run
     cache2 = evaluate(CFG, ["none"], ["pgd"], tmp_path, ray_address="local", progress=False)
     for p in cache2.glob("none/pgd/*.json"):

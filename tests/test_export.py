@@ -102,7 +102,7 @@ def test_refusals(engines, tmp_path):
 def test_videopure_on_onnxruntime_matches_torch(engines, data_dir):
     from tinyworld import real_clip
 
-    from vpure.runtime.defence import VideoPure
+    from vpure.runtime.purifier import VideoPure
     from vpure.runtime.flow import DISFlow
     from vpure.runtime.models.diffusion import eps_fn_of
 
@@ -189,7 +189,7 @@ def test_int8_calibrated_from_real_clips(tmp_path, data_dir):
 
 
 def test_clip_calibration_samples_and_refusals(tmp_path, data_dir):
-    from vpure.runtime.calibration_samples import calibration_batches, parity_batches
+    from vpure.runtime.int8_calibration import calibration_batches, parity_batches
     from vpure.runtime.precision import CalibrationRecipe
 
     unet = registry.get("unet")
@@ -219,7 +219,7 @@ def test_clip_calibration_samples_and_refusals(tmp_path, data_dir):
 
 
 def test_miniworld_calibration_samples():
-    from vpure.runtime.calibration_samples import calibration_batches, parity_batches
+    from vpure.runtime.int8_calibration import calibration_batches, parity_batches
     from vpure.runtime.miniworld.dataset import make_clip
     from vpure.runtime.precision import CalibrationRecipe
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from vpure.runtime.defence import VideoPure
+from vpure.runtime.purifier import VideoPure
 from vpure.runtime.errors import ConfigError, NonFiniteOutput
 from vpure.runtime.flow import DISFlow
 from vpure.runtime.models.comdefend import tiny_comdefend

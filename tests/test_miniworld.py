@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from vpure.runtime.miniworld import evaluate
 from vpure.runtime.miniworld import models as mw
 from vpure.runtime.miniworld.dataset import CLASSES, WorldConfig, make_clip, make_split
-from vpure.runtime.miniworld.train import BUDGETS, ORDER, train
+from vpure.lab.miniworld_train import BUDGETS, ORDER, train
 
 
 def test_generator_is_deterministic_by_seed_and_splits_differ():
@@ -137,7 +137,7 @@ def test_resumed_training_starts_from_the_folder_and_records_the_chain(tmp_path,
 
 
 def test_object_masks_match_the_generator_and_weight_the_vae_loss(tmp_path, monkeypatch):
-    from vpure.runtime.miniworld.train import train_masks
+    from vpure.lab.miniworld_train import train_masks
 
     monkeypatch.setenv("VPURE_CACHE", str(tmp_path / "cache"))
     world = WorldConfig()

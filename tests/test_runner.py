@@ -359,7 +359,7 @@ def test_realtime_streams_hand_frames_over_at_their_presentation_times(monkeypat
 
 
 def test_clean_route_benchmark_checks_labels_and_writes_its_rows(tmp_path):
-    from vpure.runtime.endtoend import bench_clean_route
+    from vpure.lab.bench_e2e import bench_clean_route
 
     from vpure.runtime.precision import native_bf16
 
@@ -402,7 +402,7 @@ def test_interleaved_benchmark_times_every_case_per_round_and_skips_wrong_ones(t
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 def test_benchmark_rows_name_a_dirty_checkout(tmp_path):
     """A row measured on uncommitted code says so; result files alone do not count."""
-    from vpure.runtime.benchmark import git_commit
+    from vpure.lab.timing import git_commit
 
     def git(*args):
         subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
@@ -423,7 +423,7 @@ def test_benchmark_rows_name_a_dirty_checkout(tmp_path):
 
 
 def test_deployment_scale_clean_route_benchmark_runs(tmp_path):
-    from vpure.runtime.endtoend import bench_clean_route_deploy
+    from vpure.lab.bench_e2e import bench_clean_route_deploy
 
     from vpure.runtime.models.quantized import int8_ops_available
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vpure.runtime.attacks import pgd, sparse_frames
-from vpure.runtime.defence import VideoPure
+from vpure.lab.attacks import pgd, sparse_frames
+from vpure.runtime.purifier import VideoPure
 from vpure.runtime.errors import ConfigError, InputError
 from vpure.runtime.flow import DISFlow
 from vpure.runtime.models.comdefend import ComDefend, tiny_comdefend

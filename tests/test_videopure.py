@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from vpure.runtime import schedule
-from vpure.runtime.defence import VideoPure
+from vpure.runtime.purifier import VideoPure
 from vpure.runtime.errors import ConfigError, InputError, NonFiniteOutput
 from vpure.runtime.flow import DISFlow, downsample_flow
 from vpure.runtime.videopure import (VideoPureConfig, purify_latents, sto_step, temporal_ddim_invert, vote)
-from vpure.runtime.videopure_reference import ReleasedVideoPure, purify_latents_released
+from vpure.lab.released_reference import ReleasedVideoPure, purify_latents_released
 
 from helpers import assert_close
 from tinyworld import real_clip, tiny_world
@@ -224,7 +224,7 @@ def test_downsample_flow_scales_vectors():
 
 
 def test_decode_frames_chunking_is_equivalent(tiny):
-    from vpure.runtime.defence import decode_frames
+    from vpure.runtime.purifier import decode_frames
 
     z = torch.randn(3, 4, 5, 8, 8, generator=torch.Generator().manual_seed(11))
     with torch.inference_mode():
@@ -238,7 +238,7 @@ def test_decode_frames_auto_chunks_fit_a_backend_profile(tiny):
     shape profile admits; a plain module gets 8-frame calls."""
     from types import SimpleNamespace
 
-    from vpure.runtime.defence import decode_frames
+    from vpure.runtime.purifier import decode_frames
 
     z = torch.randn(2, 4, 7, 8, 8, generator=torch.Generator().manual_seed(12))
     sizes: list[int] = []

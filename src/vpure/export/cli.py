@@ -107,6 +107,9 @@ def _member_effect(args, unet_spec, unet, engines_dir, precision, recipe) -> str
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from vpure.runtime.extras import require
+
+    require("onnx", "export", "vpure export")
     from vpure.export.exporter import export_component
     from vpure.runtime import artifacts, registry
     from vpure.runtime.errors import ArtifactError, ConfigError

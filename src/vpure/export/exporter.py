@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import torch
 
-from vpure.runtime.calibration_samples import calibration_batches, parity_batches
+from vpure.runtime.int8_calibration import calibration_batches, parity_batches
 from vpure.runtime import artifacts, atomic
 from vpure.runtime.errors import ArtifactError
 from vpure.runtime.log import get_logger

@@ -35,7 +35,7 @@ def synthetic_clip(frames: int, size: int, seed: int = 0) -> torch.Tensor:
 def unet_member_effect(unet: torch.nn.Module, unet_backend: Any, encoder, decoder, recognizer,
                        clip: torch.Tensor) -> dict[str, Any]:
     """Members agreeing (of 7), the final labels, max |logit difference| and purified-frame SQNR."""
-    from vpure.runtime.defence import VideoPure
+    from vpure.runtime.purifier import VideoPure
     from vpure.runtime.flow import DISFlow
     from vpure.runtime.models.diffusion import eps_fn_of
 

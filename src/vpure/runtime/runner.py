@@ -296,7 +296,7 @@ class CachedFrameLogits:
 
 def build_shield(comps: Components, cfg: RunConfig):
     """(Shield, CachedFlow) over ``comps``."""
-    from .defence import VideoPure
+    from .purifier import VideoPure
     from .flow import DISFlow
     from .models.raft import RAFTFlow
     from .shield import Shield

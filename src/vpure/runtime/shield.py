@@ -21,7 +21,7 @@ import torch
 
 from .backends.base import require_finite
 from .config import ConfigBase, check
-from .defence import Stopwatch, check_clip
+from .purifier import Stopwatch, check_clip
 from .detect import DetectionConfig, Detector
 from .errors import ConfigError, NonFiniteOutput
 from .temporal_defence import TemporalDefenceConfig, repair_clip
@@ -64,7 +64,7 @@ class ShieldRecord:
 
 class Shield:
     """``frame_classifier(clip) -> (B, T, K)``, ``recognizer(clip) -> (B, K)``; ``videopure``
-    (a :class:`~vpure.runtime.defence.VideoPure`) and ``comdefend`` (clip -> clip) as configured."""
+    (a :class:`~vpure.runtime.purifier.VideoPure`) and ``comdefend`` (clip -> clip) as configured."""
 
     def __init__(self, frame_classifier, recognizer, *, videopure=None, comdefend=None,
                  config: ShieldConfig | None = None):

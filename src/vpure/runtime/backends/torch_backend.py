@@ -72,7 +72,7 @@ class TorchBackend:
         if self.device.type != "cpu" or compile:
             raise ConfigError(f"component {spec.name!r}: the torch backend's int8 plan runs on CPU, uncompiled "
                               f"(device {self.device.type}, compile {compile})")
-        from ..calibration_samples import calibration_batches
+        from ..int8_calibration import calibration_batches
 
         name = spec.inputs[0].name
         clips = (torch.from_numpy(batch[name]) for batch in calibration_batches(spec, recipe))

@@ -13,22 +13,24 @@ import sys
 
 from ..errors import VpureError
 
-# name -> (module, one-line help). Later subcommands (export, run, bench, eval,
-# calibrate, demo) add a row here and a module beside info.py (export's lives in
-# vpure.export, which the runtime itself never imports).
+# name -> (module, one-line help). The runtime's own commands live beside this file;
+# `export` is vpure.export's and the lab's commands (bench, eval, demo, train) vpure.lab's:
+# the table names them, and only the command that runs is imported.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vpure.runtime.cli.info", "versions, backends, kernel implementations, devices and components"),
+    "run": ("vpure.runtime.cli.run", "run the Shield over a video file, frame folder or stream (JSON lines)"),
     "calibrate": ("vpure.runtime.cli.calibrate", "choose the detection thresholds by F1 on labelled clips"),
     "export": ("vpure.export.cli", "export components to ONNX artefacts (fp32/fp16/int8) with sidecars"),
-    "run": ("vpure.runtime.cli.run", "run the Shield over a video file, frame folder or stream (JSON lines)"),
-    "bench": ("vpure.runtime.cli.bench", "end-to-end latency per stage vs the released-code reference (CSV + PNG)"),
-    "eval": ("vpure.runtime.cli.eval", "robustness evaluation: defences x attacks, cached per clip, paper tables"),
-    "demo": ("vpure.runtime.cli.demo", "attack a mini-world clip and watch the Shield defend it (PNG strip)"),
-    "train": ("vpure.runtime.cli.train", "train the mini-world networks on CPU (weights + model cards)"),
+    "demo": ("vpure.lab.cli.demo", "attack a mini-world clip and watch the Shield defend it (PNG strip)"),
+    "bench": ("vpure.lab.cli.bench", "end-to-end latency per stage vs the released-code reference (CSV + PNG)"),
+    "eval": ("vpure.lab.cli.eval", "robustness evaluation: defences x attacks, cached per clip, paper tables"),
+    "train": ("vpure.lab.cli.train", "train the mini-world networks on CPU (weights + model cards)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (for its arguments), so
+    ``vpure run --help`` loads nothing of the lab or the exporter."""
     from .. import __version__
 
     parser = argparse.ArgumentParser(
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module)
     return parser
 
@@ -50,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from ..log import configure_logging
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if a in COMMANDS), None))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _listing(args) -> list[tuple[Path, str]]:
-    from vpure.runtime.calibrate import KINDS
+    from vpure.runtime.thresholds import KINDS
     from vpure.runtime.errors import InputError
 
     if args.clips is not None:
@@ -53,7 +53,7 @@ def _listing(args) -> list[tuple[Path, str]]:
 
 def run(args: argparse.Namespace) -> int:
     from vpure.runtime import registry
-    from vpure.runtime.calibrate import calibrate, format_table, roc_png
+    from vpure.runtime.thresholds import calibrate, format_table, roc_png
     from vpure.runtime.detect import DetectionConfig, Detector
     from vpure.runtime.errors import InputError
     from vpure.runtime.log import get_logger, progress

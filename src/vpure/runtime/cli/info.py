@@ -44,7 +44,7 @@ def collect() -> dict[str, Any]:
     from vpure import kernels
     from vpure.runtime import memory, registry
     from vpure.runtime.backends import backend_names
-    from vpure.runtime.benchmark import machine_id
+    from vpure.runtime.machine import machine_id
     from vpure.runtime.env import read_environment
     from vpure.runtime.models.quantized import int8_ops_available
     from vpure.runtime.precision import native_bf16, x86_without_vnni

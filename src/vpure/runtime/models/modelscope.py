@@ -71,7 +71,10 @@ def _cache_paths(root: Path) -> list[Path]:
 
 def compute_empty_prompt_embedding(root: Path) -> torch.Tensor:
     """(1, L, D) float32: the text encoder's last hidden state for the empty prompt."""
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from ..extras import require
+
+    transformers = require("transformers", "transformers", "computing a ModelScope folder's empty-prompt embedding")
+    CLIPTextModel, CLIPTokenizer = transformers.CLIPTextModel, transformers.CLIPTokenizer
 
     root = _check_root(root)
     tok_dir, enc_dir = _folder(root, "tokenizer"), _folder(root, "text_encoder")

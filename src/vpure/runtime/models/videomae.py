@@ -40,13 +40,19 @@ TINY = dict(image_size=32, patch_size=8, num_channels=3, num_frames=4, tubelet_s
 
 
 def tiny_videomae() -> VideoMAERecognizer:
-    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+    from ..extras import require
+
+    transformers = require("transformers", "transformers", "a VideoMAE recogniser")
+    VideoMAEConfig, VideoMAEForVideoClassification = transformers.VideoMAEConfig, transformers.VideoMAEForVideoClassification
 
     return VideoMAERecognizer(VideoMAEForVideoClassification(VideoMAEConfig(**TINY)))
 
 
 def load_videomae(path, dtype: torch.dtype = torch.float32) -> VideoMAERecognizer:
-    from transformers import VideoMAEForVideoClassification
+    from ..extras import require
+
+    VideoMAEForVideoClassification = require("transformers", "transformers",
+                                             "a VideoMAE recogniser").VideoMAEForVideoClassification
 
     path = Path(path)
     if not (path / "config.json").is_file():

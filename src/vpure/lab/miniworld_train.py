@@ -20,15 +20,15 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .. import atomic, schedule
-from ..config import ConfigBase, check
-from ..env import read_environment
-from ..log import get_logger
-from ..log import progress as bar
-from ..precision import EMULATED_BF16, native_bf16
-from . import evaluate
-from . import models as mw
-from .dataset import WorldConfig, make_clip, make_split
+from vpure.runtime import atomic, schedule
+from vpure.runtime.config import ConfigBase, check
+from vpure.runtime.env import read_environment
+from vpure.runtime.log import get_logger
+from vpure.runtime.log import progress as bar
+from vpure.runtime.precision import EMULATED_BF16, native_bf16
+from vpure.lab import miniworld_eval as evaluate
+from vpure.runtime.miniworld import models as mw
+from vpure.runtime.miniworld.dataset import WorldConfig, make_clip, make_split
 
 log = get_logger(__name__)
 
@@ -232,7 +232,7 @@ def _clips(clips_u8, labels, n, g):
 # -- per component -------------------------------------------------------------------
 
 def train_vae(cfg, world, data, test, weights_dir, progress):
-    from ..models.diffusion import VAEDecoder, VAEEncoder
+    from vpure.runtime.models.diffusion import VAEDecoder, VAEEncoder
 
     clips, _ = data
     vae = _start("vae", cfg, weights_dir)
@@ -289,7 +289,7 @@ def train_vae(cfg, world, data, test, weights_dir, progress):
 
 
 def train_unet(cfg, world, data, test, weights_dir, progress):
-    from ..models.diffusion import VAEEncoder, fold_temporal_convs, unfold_temporal_convs
+    from vpure.runtime.models.diffusion import VAEEncoder, fold_temporal_convs, unfold_temporal_convs
 
     clips, _ = data
     encoder = VAEEncoder(mw.load("vae", weights_dir)).eval()
@@ -331,7 +331,7 @@ def train_unet(cfg, world, data, test, weights_dir, progress):
 
 
 def train_recognizer(cfg, world, data, test, weights_dir, progress):
-    from ..models.i3d import inflate_from_2d
+    from vpure.runtime.models.i3d import inflate_from_2d
 
     clips, labels = data
     # I3D's recipe: bootstrap from the trained 2D network. Trained from scratch, the 3D network

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..miniworld.train import ORDER
+    from vpure.lab.miniworld_train import ORDER
 
     p.add_argument("component", choices=(*ORDER, "all"), help="network to train ('all': in dependency order)")
     p.add_argument("--out", type=Path, default=None,
@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from ..miniworld.dataset import WorldConfig
-    from ..miniworld.train import BUDGETS, ORDER, train
+    from vpure.runtime.miniworld.dataset import WorldConfig
+    from vpure.lab.miniworld_train import BUDGETS, ORDER, train
 
     world = WorldConfig(seed=args.world_seed)
     names = ORDER if args.component == "all" else (args.component,)

@@ -27,9 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from fractions import Fraction
 
-    from ..errors import ConfigError
-    from ..eval_tables import write_tables
-    from ..evaluation import ATTACKS, DEFENCES, EvalConfig, cache_dir, evaluate, load_results, weights_digests
+    from vpure.runtime.errors import ConfigError
+    from vpure.lab.tables import write_tables
+    from vpure.lab.evaluation import ATTACKS, DEFENCES, EvalConfig, cache_dir, evaluate, load_results, weights_digests
 
     try:
         eps = float(Fraction(args.eps))

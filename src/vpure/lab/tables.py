@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .evaluation import VIDEOPURE, wilson
+from vpure.lab.evaluation import VIDEOPURE, wilson
 
 MAIN = ("none", "jpeg", "wd", "ts", "diffpure_ddpm", "diffpure_ddim", "ddim_inversion", "videopure")
 ABLATIONS = ("videopure", "videopure_no_ti", "videopure_no_sto", "videopure_no_vote")
@@ -155,7 +155,7 @@ def loss_plot(results, path: Path) -> Path | None:
 
 def write_tables(results: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     """tables.md, one CSV per table and loss_vs_step.png in ``out_dir``."""
-    from .evaluation import ATTACKS
+    from vpure.lab.evaluation import ATTACKS
 
     out_dir.mkdir(parents=True, exist_ok=True)
     attacks = [a for a in ATTACKS if a not in ("sparse", "gate")]

@@ -35,16 +35,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..endtoend import bench_clean_route, bench_clean_route_deploy, bench_config, stage_chart
-    from ..errors import ConfigError
-    from ..presets import PRESETS
+    from vpure.lab.bench_e2e import bench_clean_route, bench_clean_route_deploy, bench_config, stage_chart
+    from vpure.runtime.errors import ConfigError
+    from vpure.runtime.presets import PRESETS
 
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [n for n in names if n not in PRESETS]
     if unknown:  # a typo is an error, not a skipped case
         raise ConfigError(f"unknown configuration(s) {', '.join(map(repr, unknown))}; known: {', '.join(PRESETS)}")
     if args.flops:
-        from ..flops import print_clip_flops
+        from vpure.lab.flops import print_clip_flops
 
         for name in names:
             print_clip_flops(name, args.target_s)

@@ -17,27 +17,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, InputError
-from .dataset import CLASSES, WorldConfig, make_clip
-from .models import MiniWorld, load_world
+from vpure.runtime.errors import ConfigError, InputError
+from vpure.runtime.miniworld.dataset import CLASSES, WorldConfig, make_clip
+from vpure.runtime.miniworld.models import MiniWorld, load_world
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def videopure_config():
     """VideoPure as released, with the STO weights rescaled to the 64-pixel clip size."""
-    from ..videopure import VideoPureConfig
+    from vpure.runtime.videopure import VideoPureConfig
 
     return VideoPureConfig(rescale_to_size=True)
 
 
 def build_shield(world: MiniWorld, flow: str = "raft"):
     """(Shield, VideoPure) over the mini-world models; ``flow`` is ``raft`` (trained) or ``dis``."""
-    from ..defence import VideoPure
-    from ..flow import DISFlow
-    from ..models.diffusion import eps_fn_of
-    from ..models.raft import RAFTFlow
-    from ..shield import Shield
+    from vpure.runtime.purifier import VideoPure
+    from vpure.runtime.flow import DISFlow
+    from vpure.runtime.models.diffusion import eps_fn_of
+    from vpure.runtime.models.raft import RAFTFlow
+    from vpure.runtime.shield import Shield
 
     provider = RAFTFlow(world.raft, pairs_per_call=16) if flow == "raft" else DISFlow("medium")
     vp = VideoPure(eps_fn_of(world.unet), world.encoder, world.decoder, world.recognizer, provider,
@@ -123,8 +123,8 @@ def run_demo(*, index: int = 0, video: str | Path | None = None, out: Path | Non
              weights_dir: str | Path | None = None, seed: int = 0) -> DemoResult:
     import time
 
-    from ..attacks import pgd
-    from ..video import load_clip
+    from vpure.lab.attacks import pgd
+    from vpure.runtime.video import load_clip
 
     cfg = WorldConfig()
     n = cfg.frames if frames is None else frames

@@ -33,10 +33,10 @@ from typing import Any, Callable
 
 import torch
 
-from . import atomic
-from .config import ConfigBase, check
-from .errors import ConfigError
-from .log import get_logger
+from vpure.runtime import atomic
+from vpure.runtime.config import ConfigBase, check
+from vpure.runtime.errors import ConfigError
+from vpure.runtime.log import get_logger
 
 log = get_logger(__name__)
 
@@ -95,11 +95,11 @@ class Defences:
         self._cache: dict[str, Any] = {}
 
     def videopure(self, name: str):
-        from .defence import VideoPure
-        from .flow import DISFlow
-        from .miniworld.demo import videopure_config
-        from .models.diffusion import eps_fn_of
-        from .models.raft import RAFTFlow
+        from vpure.runtime.purifier import VideoPure
+        from vpure.runtime.flow import DISFlow
+        from vpure.lab.demo import videopure_config
+        from vpure.runtime.models.diffusion import eps_fn_of
+        from vpure.runtime.models.raft import RAFTFlow
 
         base = videopure_config()
         cfg = {"videopure": base, "videopure_no_ti": base.replace(temporal_inversion=False),
@@ -113,8 +113,8 @@ class Defences:
         key = f"{name}/{seed}" if name in STOCHASTIC else name
         if key in self._cache:
             return self._cache[key]
-        from . import baselines as B
-        from .models.diffusion import eps_fn_of
+        from vpure.lab import baselines as B
+        from vpure.runtime.models.diffusion import eps_fn_of
 
         w = self.world
         if name in VIDEOPURE:
@@ -122,7 +122,7 @@ class Defences:
             members = (lambda x, v=vp: v.purified_members(x)[-1:]) if vp.config.voting == "off" else vp.purified_members
             out = (vp, members)
         elif name == "shield":
-            from .miniworld.demo import build_shield
+            from vpure.lab.demo import build_shield
 
             shield, _ = build_shield(w, self.cfg.flow)
             out = (shield, None)
@@ -139,12 +139,12 @@ class Defences:
 
 def run_attack(defences: Defences, defence: str, attack: str, clip: torch.Tensor, label: torch.Tensor, seed: int,
                trace: list[float]) -> torch.Tensor:
-    from .attacks import BPDAOracle, EOTOracle, ModelOracle, TTOracle, apgd
-    from .attacks import attack as pgd_attack
-    from .attacks.apgd import dlr_loss
-    from .attacks.fullgrad import FullGradOracle
-    from .attacks.gate import GateOracle
-    from .attacks.core import sparse_frames
+    from vpure.lab.attacks import BPDAOracle, EOTOracle, ModelOracle, TTOracle, apgd
+    from vpure.lab.attacks import attack as pgd_attack
+    from vpure.lab.attacks.apgd import dlr_loss
+    from vpure.lab.attacks.fullgrad import FullGradOracle
+    from vpure.lab.attacks.gate import GateOracle
+    from vpure.lab.attacks.core import sparse_frames
 
     cfg, w = defences.cfg, defences.world
     kw = dict(eps=cfg.eps, step=cfg.step, iters=cfg.iters, seed=seed, trace=trace)
@@ -179,7 +179,7 @@ def run_attack(defences: Defences, defence: str, attack: str, clip: torch.Tensor
 
 def run_job(defences: Defences, defence: str, attack: str, index: int) -> dict[str, Any]:
     """One (defence, attack, clip) job -> its JSON-able result."""
-    from .miniworld.dataset import make_clip
+    from vpure.runtime.miniworld.dataset import make_clip
 
     cfg = defences.cfg
     smp = make_clip(cfg.split, index)
@@ -205,8 +205,8 @@ def run_job(defences: Defences, defence: str, attack: str, index: int) -> dict[s
 def weights_digests(weights_dir=None, flow: str = "dis") -> dict[str, str]:
     """sha256 of each weights file an evaluation reads: every mini-world network, RAFT only
     when it is the flow provider (retraining an unused network keeps the cache valid)."""
-    from .artifacts import sha256_file
-    from .miniworld.models import COMPONENTS, weights_path
+    from vpure.runtime.artifacts import sha256_file
+    from vpure.runtime.miniworld.models import COMPONENTS, weights_path
 
     return {c: sha256_file(weights_path(c, weights_dir)) for c in COMPONENTS if c != "raft" or flow == "raft"}
 
@@ -234,7 +234,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(cfg_dict: dict, weights_dir, threads: int) -> None:
-    from .miniworld.models import load_world
+    from vpure.runtime.miniworld.models import load_world
 
     torch.set_num_threads(threads)
     _WORKER["defences"] = Defences(load_world(weights_dir), EvalConfig.from_dict(cfg_dict))
@@ -247,7 +247,7 @@ def _worker_job(job: tuple[str, str, int]) -> dict[str, Any]:
 def evaluate(cfg: EvalConfig, defences: list[str], attacks: list[str], out_dir: Path, *, workers: int = 1,
              ray_address: str | None = None, weights_dir=None, progress: bool | None = None) -> Path:
     """Run every missing job into the cache; returns the cache folder."""
-    from .log import progress as bar
+    from vpure.runtime.log import progress as bar
 
     unknown = sorted(set(defences) - set(DEFENCES)) + sorted(set(attacks) - set(ATTACKS))
     if unknown:
@@ -278,7 +278,7 @@ def evaluate(cfg: EvalConfig, defences: list[str], attacks: list[str], out_dir: 
             for res in bar(ex.map(_worker_job, jobs), total=len(jobs), desc="vpure eval", enable=progress):
                 save(res)
     else:
-        from .miniworld.models import load_world
+        from vpure.runtime.miniworld.models import load_world
 
         ds = Defences(load_world(weights_dir), cfg)
         for job in bar(jobs, total=len(jobs), desc="vpure eval", enable=progress):
@@ -287,11 +287,10 @@ def evaluate(cfg: EvalConfig, defences: list[str], attacks: list[str], out_dir: 
 
 
 def _run_ray(jobs, cfg: EvalConfig, weights_dir, address: str, save: Callable, progress) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--ray needs the ray package (pip install 'vpure[ray]')") from None
-    from .log import progress as bar
+    from vpure.runtime.extras import require
+
+    ray = require("ray", "lab", "vpure eval --ray")
+    from vpure.runtime.log import progress as bar
 
     ray.init(address=None if address in ("", "local") else address, ignore_reinit_error=True,
              log_to_driver=False, include_dashboard=False)

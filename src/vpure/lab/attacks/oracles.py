@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .core import clip_loss
+from vpure.lab.attacks.core import clip_loss
 
 
 class ModelOracle:

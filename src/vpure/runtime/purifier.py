@@ -1,7 +1,7 @@
 """Defences behind one interface: ``defence(clip) -> DefenceResult``.
 
 A clip is (B, 3, T, H, W) float in [0, 1]. Every defence (VideoPure, its ablations and
-the baselines in :mod:`vpure.runtime.baselines`) returns the final label per clip, the
+the baselines in :mod:`vpure.lab.baselines`) returns the final label per clip, the
 per-member logits and labels (one member for single-output defences) and wall-clock
 milliseconds per stage.
 """

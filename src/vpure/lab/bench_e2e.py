@@ -4,7 +4,7 @@ the runtime in the same invocation, CSV rows and a PNG of the stage breakdown.
 One clip of the configuration's size is encoded to a video file once; every timed run
 decodes it (PyAV, the ``decode`` stage), runs the detection gate, then VideoPure with the
 configuration's models (random init: latency does not depend on the weights) and DIS flow.
-The reference is :class:`~vpure.runtime.videopure_reference.ReleasedVideoPure` on the same
+The reference is :class:`~vpure.lab.released_reference.ReleasedVideoPure` on the same
 models, decoded clip and flow; parity is identical votes. Cases are backends x precisions:
 torch fp32 (the runtime path), torch bf16 on CPU / fp16 on CUDA (UNet and VAE decoder),
 ONNX Runtime artefacts (exported on first use into ``engines_dir``) and, asked for with
@@ -24,10 +24,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import benchmark, presets
-from .errors import ConfigError
-from .log import get_logger
-from .precision import EMULATED_BF16, native_bf16
+from vpure.lab import timing as benchmark
+from vpure.runtime import presets
+from vpure.runtime.errors import ConfigError
+from vpure.runtime.log import get_logger
+from vpure.runtime.precision import EMULATED_BF16, native_bf16
 
 STAGES = ("decode", "detect", "flow", "vae_encode", "unet_invert", "unet_denoise", "unet", "sto_and_schedule",
           "vae_decode", "recognize", "vote")
@@ -54,7 +55,7 @@ def encode_clip(clip: torch.Tensor, path: Path, fps: int = 25) -> Path:
 
 def default_clip(frames: int, size: int) -> torch.Tensor:
     """A mini-world test clip at the requested size (real photographs, moving object)."""
-    from .miniworld.dataset import WorldConfig, make_clip
+    from vpure.runtime.miniworld.dataset import WorldConfig, make_clip
 
     cfg = WorldConfig(frames=frames, size=size, background_short_side=max(160, 2 * size + 8),
                       object_radius=(size * 11 / 64, size * 17 / 64))
@@ -74,8 +75,8 @@ class Pipeline:
     stages: list[dict[str, float]] = field(default_factory=list)
 
     def __call__(self):
-        from .defence import Stopwatch
-        from .stream import StreamConfig, frames as read
+        from vpure.runtime.purifier import Stopwatch
+        from vpure.runtime.stream import StreamConfig, frames as read
 
         sw = Stopwatch(self.device)
         with sw("decode"):
@@ -102,8 +103,8 @@ def _low_precision_parity(out, ref) -> str:
 def _ort_wrap(name: str, comp: str, module, precision: str, engines_dir: Path) -> Callable:
     from vpure.export import export_component  # benchmarks may export; the runtime proper never does
 
-    from .backends import as_module_call, create_backend
-    from .runconfig import ComponentChoice
+    from vpure.runtime.backends import as_module_call, create_backend
+    from vpure.runtime.runconfig import ComponentChoice
 
     spec = presets.component_spec(name, comp)
     export_component(spec, module, engines_dir, precision, source=f"{name} random-init")
@@ -122,8 +123,8 @@ def cases_for(name: str, m, backends: list[str], precisions: list[str], device: 
     """(case name, eps_fn, encoder, decoder, parity) for each backend x precision asked;
     ``compile`` adds each torch precision's UNet and VAE compiled by Inductor
     (:func:`~.models.inference.compile_for_inference`, diffusers' own layers)."""
-    from .models.diffusion import GraphedEps, eps_fn_of, optimise_for_inference
-    from .models.inference import compile_for_inference, prepare_decoder, prepare_encoder
+    from vpure.runtime.models.diffusion import GraphedEps, eps_fn_of, optimise_for_inference
+    from vpure.runtime.models.inference import compile_for_inference, prepare_decoder, prepare_encoder
 
     out = []
     for backend in backends:
@@ -174,11 +175,11 @@ def cases_for(name: str, m, backends: list[str], precisions: list[str], device: 
 def bench_config(name: str, *, backends: list[str], precisions: list[str], iters: int = 3,
                  csv_path: str | Path | None = None, engines_dir: Path | None = None,
                  video: Path | None = None, compile: bool = False) -> list[tuple[str, benchmark.Row, Pipeline]]:
-    from .defence import VideoPure
-    from .detect import Detector
-    from .flow import DISFlow
-    from .models.diffusion import eps_fn_of
-    from .videopure_reference import ReleasedVideoPure
+    from vpure.runtime.purifier import VideoPure
+    from vpure.runtime.detect import Detector
+    from vpure.runtime.flow import DISFlow
+    from vpure.runtime.models.diffusion import eps_fn_of
+    from vpure.lab.released_reference import ReleasedVideoPure
 
     preset = presets.get(name)
     device = "cuda" if preset.gpu_only or torch.cuda.is_available() else "cpu"
@@ -230,7 +231,7 @@ def print_stages(results) -> None:
 
 def print_rates(name: str, results) -> None:
     """GFLOP/s each case's counted stages reached (p50 times; :mod:`.flops` counts the work)."""
-    from .flops import achieved_rates, clip_flops
+    from vpure.lab.flops import achieved_rates, clip_flops
 
     rows = clip_flops(name)
     rates = [achieved_rates(rows, stage_p50(p)) for _, _, p in results]
@@ -291,11 +292,11 @@ def bench_clean_route(iters: int = 20, csv_path: str | Path | None = None, weigh
     isolated clip, and streams of windows of 16 every 8 frames as ``vpure run`` cuts them (the
     frame classifier's logits of the 8 overlapping frames reused, :class:`CachedFrameLogits`),
     from a file and from a live source, at each of ``precisions`` (:func:`_time_clean_route`)."""
-    from .miniworld.dataset import make_clip
-    from .miniworld.demo import build_shield
-    from .miniworld.models import load_world
-    from .runner import REGISTRY_NAMES
-    from .shield import Shield
+    from vpure.runtime.miniworld.dataset import make_clip
+    from vpure.lab.demo import build_shield
+    from vpure.runtime.miniworld.models import load_world
+    from vpure.runtime.runner import REGISTRY_NAMES
+    from vpure.runtime.shield import Shield
 
     world = load_world(weights_dir)
     shield, _ = build_shield(world, "dis")
@@ -318,7 +319,7 @@ def clean_route_precisions(precisions: tuple[str, ...] | None) -> tuple[str, ...
     benchmarks time: bf16 only where this CPU runs it natively, int8 (the gate's oneDNN plan,
     :mod:`vpure.runtime.models.quantized`) where PyTorch has those operators (else skipped,
     with a warning)."""
-    from .models.quantized import int8_ops_available
+    from vpure.runtime.models.quantized import int8_ops_available
 
     wanted = [p for p in (precisions or ("fp32", "bf16")) if p in ("fp32", "bf16", "int8")]
     if "bf16" in wanted and not native_bf16():
@@ -342,7 +343,7 @@ def _time_clean_route(config: str, x: torch.Tensor, recognizer, gate, make_shiel
     alone), the gate at that precision and int8, and in front of an fp32 recogniser at every
     other one too (a gate only labels frames, so a bf16 or int8 gate may well serve an fp32
     recogniser); rows of all runs."""
-    from .runner import CachedFrameLogits
+    from vpure.runtime.runner import CachedFrameLogits
 
     precisions = clean_route_precisions(precisions)
     t = x.shape[2]
@@ -407,10 +408,10 @@ def _torch_at(module: torch.nn.Module, registry_name: str, precision: str):
     on mini-world training clips, image-like whatever the model)."""
     if precision == "fp32":
         return module
-    from . import registry
-    from .backends import as_module_call, create_backend
-    from .precision import CalibrationRecipe, Precision
-    from .runconfig import ComponentChoice
+    from vpure.runtime import registry
+    from vpure.runtime.backends import as_module_call, create_backend
+    from vpure.runtime.precision import CalibrationRecipe, Precision
+    from vpure.runtime.runconfig import ComponentChoice
 
     choice = ComponentChoice(precision=Precision(precision),
                              calibration=CalibrationRecipe(source="miniworld") if precision == "int8" else None)
@@ -426,11 +427,11 @@ def bench_clean_route_deploy(iters: int = 5, frames: int = 32, size: int = 224, 
     but each window's last frame labelled while waiting, :func:`_time_clean_route`), at each
     of ``precisions``. The thresholds are set to 1 so that every clip takes the clean route,
     whatever the random gate says."""
-    from .detect import DetectionConfig
-    from .models.frame_classifier import FrameClassifier
-    from .models.i3d import i3d_resnet50
-    from .models.inference import prepare_frame_classifier, prepare_recognizer
-    from .shield import Shield, ShieldConfig
+    from vpure.runtime.detect import DetectionConfig
+    from vpure.runtime.models.frame_classifier import FrameClassifier
+    from vpure.runtime.models.i3d import i3d_resnet50
+    from vpure.runtime.models.inference import prepare_frame_classifier, prepare_recognizer
+    from vpure.runtime.shield import Shield, ShieldConfig
 
     torch.manual_seed(0)
     rec = i3d_resnet50(num_classes=400).eval()

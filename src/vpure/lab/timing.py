@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -21,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .versions import package_version
+from vpure.runtime.machine import machine_id  # noqa: F401  (rows name the machine)
+from vpure.runtime.versions import package_version
 
 CSV_FIELDS = ("timestamp", "machine", "device", "commit", "torch", "vpure", "group", "config", "case",
               "p50_ms", "p90_ms", "p99_ms", "n", "speedup_vs_ref", "reference", "parity", "note")
@@ -49,27 +49,6 @@ class Row:
     parity: str
     note: str = ""
     samples_ms: list[float] = field(default_factory=list, repr=False)
-
-
-def machine_id() -> str:
-    """CPU model, core count and the vector ISA torch dispatches to, e.g. ``AMD EPYC x2
-    (family 25 model 1, AVX2)``: virtual machines often name only the vendor line, and the
-    same line spans generations with and without AVX-512 or native bf16."""
-    import torch
-
-    from .env import cpuinfo
-    from .precision import native_bf16
-
-    info = cpuinfo()
-    cpu = info.get("model name") or platform.processor() or platform.machine()
-    isa = [f"family {info['cpu family']} model {info['model']}"] if "cpu family" in info and "model" in info else []
-    try:
-        isa.append(torch.backends.cpu.get_cpu_capability())
-    except (AttributeError, RuntimeError):
-        pass
-    if native_bf16():
-        isa.append("native bf16")
-    return f"{cpu} x{os.cpu_count()}" + (f" ({', '.join(isa)})" if isa else "")
 
 
 def device_name(device: str = "cpu") -> str:

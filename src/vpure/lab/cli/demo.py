@@ -23,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..errors import ConfigError
-    from ..miniworld.dataset import CLASSES
-    from ..miniworld.demo import run_demo
+    from vpure.runtime.errors import ConfigError
+    from vpure.runtime.miniworld.dataset import CLASSES
+    from vpure.lab.demo import run_demo
 
     try:
         eps = float(Fraction(args.eps))

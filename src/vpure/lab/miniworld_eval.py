@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from .. import schedule
-from .dataset import WorldConfig, make_clip, make_split
+from vpure.runtime import schedule
+from vpure.runtime.miniworld.dataset import WorldConfig, make_clip, make_split
 
 
 def _batches(n: int, size: int):
@@ -98,14 +98,14 @@ def endpoint_error(pred: torch.Tensor, gt: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def raft_epe(raft, clips: torch.Tensor, flows: torch.Tensor) -> float:
-    from ..models.raft import RAFTFlow
+    from vpure.runtime.models.raft import RAFTFlow
 
     provider = RAFTFlow(raft.eval(), pairs_per_call=16)
     return endpoint_error(torch.cat([provider(clips[i:i + 1]) for i in range(len(clips))]), flows)
 
 
 def dis_epe(clips: torch.Tensor, flows: torch.Tensor, preset: str = "medium") -> float:
-    from ..flow import DISFlow
+    from vpure.runtime.flow import DISFlow
 
     dis = DISFlow(preset)
     return endpoint_error(torch.cat([dis(clips[i:i + 1]) for i in range(len(clips))]), flows)
@@ -118,8 +118,8 @@ def check_metrics(component: str, module, world: WorldConfig | None = None, weig
     """The metric of ``component`` on the first few test clips: recorded in its model card at
     training time and recomputed by the tests, so shipped weights prove they are the ones
     that were measured."""
-    from ..models.diffusion import VAEDecoder, VAEEncoder
-    from . import models as mw
+    from vpure.runtime.models.diffusion import VAEDecoder, VAEEncoder
+    from vpure.runtime.miniworld import models as mw
 
     n = CHECK_CLIPS[component]
     clips, labels = make_split("test", n, world)

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from . import presets
-from .detect import Detector
-from .videopure import VideoPureConfig, purify_latents
+from vpure.runtime import presets
+from vpure.runtime.detect import Detector
+from vpure.runtime.videopure import VideoPureConfig, purify_latents
 
 
 @dataclass(frozen=True)

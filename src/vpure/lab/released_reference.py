@@ -16,10 +16,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import schedule
-from .defence import DefenceResult, Stopwatch, TimedEps, check_clip
-from .flow import downsample_flow
-from .videopure import VideoPureConfig, vote
+from vpure.runtime import schedule
+from vpure.runtime.purifier import DefenceResult, Stopwatch, TimedEps, check_clip
+from vpure.runtime.flow import downsample_flow
+from vpure.runtime.videopure import VideoPureConfig, vote
 
 GUIDANCE_SCALE = 9.0
 
@@ -87,7 +87,7 @@ def purify_latents_released(eps_fn, z0: torch.Tensor, flow: torch.Tensor, config
 
 
 class ReleasedVideoPure:
-    """Same interface and components as :class:`vpure.runtime.defence.VideoPure`."""
+    """Same interface and components as :class:`vpure.runtime.purifier.VideoPure`."""
 
     name = "videopure-released"
 

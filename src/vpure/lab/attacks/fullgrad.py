@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..defence import VideoPure
-from ..flow import downsample_flow
-from ..videopure import purify_latents
-from .core import clip_loss
+from vpure.runtime.purifier import VideoPure
+from vpure.runtime.flow import downsample_flow
+from vpure.runtime.videopure import purify_latents
+from vpure.lab.attacks.core import clip_loss
 
 
 def member_logits(vp: VideoPure, clip: torch.Tensor, *, use_checkpoint: bool = True,

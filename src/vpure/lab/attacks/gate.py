@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .core import clip_loss
+from vpure.lab.attacks.core import clip_loss
 
 
 class GateOracle:

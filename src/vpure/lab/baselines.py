@@ -1,4 +1,4 @@
-"""Baseline defences behind the :class:`~vpure.runtime.defence.DefenceResult` interface
+"""Baseline defences behind the :class:`~vpure.runtime.purifier.DefenceResult` interface
 (spec/videopure.md, Baselines): none, JPEG, wavelet denoising, Temporal Shuffle, DDIM
 inversion, DiffPure-DDIM and DiffPure-DDPM. Randomness is passed in as a seed.
 """
@@ -10,10 +10,10 @@ import math
 import numpy as np
 import torch
 
-from . import schedule
-from .defence import DefenceResult, Stopwatch, check_clip, classify
-from .errors import InputError
-from .videopure import EpsFn, temporal_ddim_invert
+from vpure.runtime import schedule
+from vpure.runtime.purifier import DefenceResult, Stopwatch, check_clip, classify
+from vpure.runtime.errors import InputError
+from vpure.runtime.videopure import EpsFn, temporal_ddim_invert
 
 
 # -- per-frame transforms -----------------------------------------------------------------
@@ -39,7 +39,9 @@ def wavelet_denoise_frames(clip: torch.Tensor, wavelet: str = "db1", levels: int
     / 0.6745); each detail subband gets threshold sigma^2 / sigma_x with
     sigma_x = sqrt(max(var - sigma^2, 0)) (zeroed where the subband is all noise).
     """
-    import pywt
+    from vpure.runtime.extras import require
+
+    pywt = require("pywt", "lab", "the wavelet-denoising baseline")
 
     x = clip.detach().cpu().double().numpy()
     out = np.empty_like(x)

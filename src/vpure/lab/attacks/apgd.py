@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from ..errors import InputError
-from .core import Oracle, frame_mask, project, random_start
+from vpure.runtime.errors import InputError
+from vpure.lab.attacks.core import Oracle, frame_mask, project, random_start
 
 
 def dlr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

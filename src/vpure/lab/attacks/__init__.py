@@ -9,8 +9,8 @@ VideoPure map with checkpointing per UNet call, or the recogniser and the detect
 together. Every attack keeps the result in the norm ball around the clip and in [0, 1].
 """
 
-from .apgd import apgd
-from .core import attack, pgd, project, sparse_frames
-from .oracles import BPDAOracle, EOTOracle, ModelOracle, TTOracle
+from vpure.lab.attacks.apgd import apgd
+from vpure.lab.attacks.core import attack, pgd, project, sparse_frames
+from vpure.lab.attacks.oracles import BPDAOracle, EOTOracle, ModelOracle, TTOracle
 
 __all__ = ["BPDAOracle", "EOTOracle", "ModelOracle", "TTOracle", "apgd", "attack", "pgd", "project", "sparse_frames"]

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from vpure.runtime.errors import InputError
 
 NORMS = ("linf", "l2")
 Oracle = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -99,7 +99,7 @@ def pgd(model, clip: torch.Tensor, labels: torch.Tensor, *, eps: float = 8 / 255
         iters: int = 10, frames: Sequence[int] | None = None, seed: int = 0, random_start: bool = True,
         norm: str = "linf") -> torch.Tensor:
     """Gray-box PGD on ``model`` itself (``frames`` limits the perturbation: sparse)."""
-    from .oracles import ModelOracle
+    from vpure.lab.attacks.oracles import ModelOracle
 
     return attack(ModelOracle(model), clip, labels, eps=eps, step=step, iters=iters, norm=norm, frames=frames,
                   seed=seed, random_start_=random_start)
