@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vpure.kernels.block_match import block_match_native, block_match_torch, block_match_triton
-from vpure.runtime import benchmark
+from vpure.lab import timing as benchmark
 
 from .footage import load_clip
 

@@ -19,7 +19,7 @@ import argparse
 
 import torch
 
-from vpure.runtime import benchmark
+from vpure.lab import timing as benchmark
 from vpure.runtime.backends.base import require_finite
 from vpure.runtime.detect import DetectionConfig, Detector
 from vpure.runtime.models.comdefend import tiny_comdefend

@@ -18,7 +18,8 @@ import warnings
 import torch
 
 from vpure.export import export_component
-from vpure.runtime import benchmark, presets
+from vpure.lab import timing as benchmark
+from vpure.runtime import presets
 from vpure.runtime.backends import create_backend
 from vpure.runtime.metrics import sqnr_db
 from vpure.runtime.precision import CalibrationRecipe

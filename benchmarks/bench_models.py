@@ -23,7 +23,9 @@ import copy
 
 import torch
 
-from vpure.runtime import benchmark, registry
+from vpure.lab import timing as benchmark
+
+from vpure.runtime import registry
 
 
 def _real_size():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import av
 
-from vpure.runtime import benchmark
+from vpure.lab import timing as benchmark
 from vpure.runtime.runner import Runner, RunConfig
 from vpure.runtime.stream import StreamConfig
 

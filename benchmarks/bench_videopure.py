@@ -16,7 +16,9 @@ import statistics
 
 import torch
 
-from vpure.runtime import benchmark, presets
+from vpure.lab import timing as benchmark
+
+from vpure.runtime import presets
 from vpure.runtime.purifier import VideoPure
 from vpure.runtime.flow import DISFlow
 from vpure.runtime.models.diffusion import eps_fn_of

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from vpure.kernels.warp_l1 import warp_l1_grad_native, warp_l1_grad_torch, warp_l1_grad_triton
-from vpure.runtime import benchmark
+from vpure.lab import timing as benchmark
 
 SHAPES = [(1, 4, 32, 28, 28), (1, 4, 16, 64, 64)]
 

@@ -76,8 +76,8 @@ def main(argv=None) -> None:
     if args.size is not None or args.background_short_side is not None:
         return linear_codes_only(args)
 
-    from vpure.runtime.miniworld import evaluate
-    from vpure.runtime.miniworld import train as T
+    from vpure.lab import miniworld_eval as evaluate
+    from vpure.lab import miniworld_train as T
     from vpure.runtime.miniworld.dataset import WorldConfig
     from vpure.runtime.miniworld.models import load_world
 

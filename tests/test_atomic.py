@@ -42,7 +42,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
 
 
 def test_a_corrupt_mini_world_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch, caplog):
-    from vpure.runtime.miniworld import train
+    from vpure.lab import miniworld_train as train
     from vpure.runtime.miniworld.dataset import WorldConfig
 
     monkeypatch.setenv("VPURE_CACHE", str(tmp_path))

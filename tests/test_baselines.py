@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vpure.runtime import baselines
+from vpure.lab import baselines
 from vpure.runtime.errors import InputError
 
 from tinyworld import tiny_world

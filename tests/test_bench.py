@@ -15,11 +15,12 @@ from vpure.lab.flops import achieved_rates, clip_flops, count_flops, purify_call
 from vpure.runtime.videopure import VideoPureConfig
 
 
-def test_vpure_bench_tiny_writes_rows_a_chart_and_stage_rates(tmp_path, capsys):
-    out_csv, png = tmp_path / "r.csv", tmp_path / "stages.png"
-    assert main(["bench", "--configs", "tiny", "--precisions", "fp32", "--iters", "1", "--csv", str(out_csv),
-                 "--png", str(png)]) == 0
+def test_vpure_bench_tiny_writes_rows_a_chart_and_stage_rates(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # by default, results go to a folder it names, never ./benchmarks/results
+    out_csv, png = tmp_path / "vpure-bench-results" / "results.csv", tmp_path / "vpure-bench-results" / "stages.png"
+    assert main(["bench", "--configs", "tiny", "--precisions", "fp32", "--iters", "1"]) == 0
     text = capsys.readouterr().out
+    assert f"results folder: {out_csv.parent}" in text and not (tmp_path / "benchmarks").exists()
     rows = list(csv.DictReader(out_csv.open()))
     assert [r["case"] for r in rows] == ["released-equivalent (ref)", "torch fp32"]
     assert rows[1]["parity"].startswith("same votes") and float(rows[1]["speedup_vs_ref"]) > 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vpure.runtime.miniworld import evaluate
+from vpure.lab import miniworld_eval as evaluate
 from vpure.runtime.miniworld import models as mw
 from vpure.runtime.miniworld.dataset import CLASSES, WorldConfig, make_clip, make_split
 from vpure.lab.miniworld_train import BUDGETS, ORDER, train
@@ -88,7 +88,7 @@ def test_training_is_reproducible_from_its_seed(tmp_path, monkeypatch):
 
 def test_training_precision_is_applied_and_recorded(tmp_path, monkeypatch):
     from vpure.runtime.errors import ConfigError
-    from vpure.runtime.miniworld import train as training
+    from vpure.lab import miniworld_train as training
 
     monkeypatch.setenv("VPURE_CACHE", str(tmp_path / "cache"))
     seen = []
@@ -291,3 +291,10 @@ def test_vae_bound_renders_other_world_geometries(capsys):
     assert psnr == sorted(psnr) and psnr[0] > 10
     with pytest.raises(ConfigError, match="background_short_side is too small"):
         main(["--size", "64", "--background-short-side", "100"])
+
+
+def test_vpure_train_never_overwrites_the_shipped_weights_unless_asked(capsys):
+    from vpure.runtime.cli import main
+
+    assert main(["train", "frame_classifier", "--steps", "1"]) == 2
+    assert "--overwrite-shipped" in capsys.readouterr().err

@@ -374,7 +374,7 @@ def test_clean_route_benchmark_checks_labels_and_writes_its_rows(tmp_path):
 
 
 def test_interleaved_benchmark_times_every_case_per_round_and_skips_wrong_ones(tmp_path):
-    from vpure.runtime import benchmark
+    from vpure.lab import timing as benchmark
 
     calls: list[str] = []
 
@@ -439,7 +439,9 @@ def test_emulated_bf16_is_skipped_by_the_benchmark_and_warned_by_the_torch_backe
     fp32): `vpure bench` leaves the case out saying why, and a bf16 torch component warns."""
     import logging
 
-    from vpure.runtime import endtoend, presets, registry
+    from vpure.lab import bench_e2e as endtoend
+
+    from vpure.runtime import presets, registry
     from vpure.runtime.backends import torch_backend
     from vpure.runtime.precision import Precision
 

@@ -15,8 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=3, help="timed runs per case after one warm-up (default 3)")
     p.add_argument("--video", type=Path, default=None, help="clip to decode (default: a mini-world clip, encoded)")
     p.add_argument("--engines", type=Path, default=None, help="artefact cache for onnxruntime cases")
-    p.add_argument("--csv", default="benchmarks/results/results.csv", help="CSV to append rows to ('' for none)")
-    p.add_argument("--png", type=Path, default=Path("benchmarks/results/stages.png"), help="stage breakdown chart")
+    p.add_argument("--results", type=Path, default=Path("vpure-bench-results"),
+                   help="folder for the CSV and the chart when --csv/--png are not given (default "
+                        "./vpure-bench-results; its path is printed)")
+    p.add_argument("--csv", default=None, help="CSV to append rows to (default RESULTS/results.csv; '' for none)")
+    p.add_argument("--png", type=Path, default=None, help="stage breakdown chart (default RESULTS/stages.png)")
     p.add_argument("--compile", action="store_true",
                    help="add the torch cases' UNet and VAE compiled by Inductor (weights frozen; compiles minutes first)")
     p.add_argument("--flops", action="store_true",
@@ -50,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
             print_clip_flops(name, args.target_s)
         return 0
     torch.set_grad_enabled(True)
-    csv = args.csv or None
+    if args.csv is None or args.png is None:
+        print(f"results folder: {args.results.resolve()}")
+    csv_default, png = args.results / "results.csv", args.png or args.results / "stages.png"
+    csv = csv_default if args.csv is None else args.csv or None
     results, skipped = {}, []
     for name in names:
         try:
@@ -64,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         bench_clean_route(csv_path=csv, precisions=precisions)
         bench_clean_route_deploy(csv_path=csv, precisions=precisions)
     if results:
-        print(f"\nstage chart: {stage_chart(args.png, results).resolve()}")
+        print(f"\nstage chart: {stage_chart(png, results).resolve()}")
     for line in skipped:
         print(f"skipped {line}")
     return 0 if results or args.clean_route else 1  # nothing measured: say so in the exit code

@@ -10,8 +10,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from vpure.lab.miniworld_train import ORDER
 
     p.add_argument("component", choices=(*ORDER, "all"), help="network to train ('all': in dependency order)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="weights folder (default: the package's shipped weights folder)")
+    p.add_argument("--out", type=Path, default=None, help="weights folder to write (required unless "
+                                                               "--overwrite-shipped)")
+    p.add_argument("--overwrite-shipped", action="store_true",
+                   help="write into the package's shipped weights folder, replacing the default deployment")
     p.add_argument("--steps", type=int, default=None, help="override the component's step budget")
     p.add_argument("--train-clips", type=int, default=None, help="override the number of training clips")
     p.add_argument("--eval-clips", type=int, default=None, help="override the number of test clips measured")
@@ -40,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
     from vpure.runtime.miniworld.dataset import WorldConfig
     from vpure.lab.miniworld_train import BUDGETS, ORDER, train
 
+    from vpure.runtime.errors import ConfigError
+
+    if args.out is None and not args.overwrite_shipped:
+        raise ConfigError("give --out DIR for the new weights; --overwrite-shipped replaces the shipped "
+                          "default deployment's weights in place")
     world = WorldConfig(seed=args.world_seed)
     names = ORDER if args.component == "all" else (args.component,)
     for name in names:
