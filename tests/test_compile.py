@@ -38,7 +38,7 @@ def test_a_compiled_unet_is_one_graph_guarded_on_its_inputs_only():
     kept, so a new batch size recompiles and still gives the eager outputs."""
     from types import SimpleNamespace
 
-    from vpure.runtime.models.inference import _frozen_module_guards, compile_for_inference
+    from vpure.runtime.models.inference import _frozen_module_guards, compile_for_inference, dynamo_settings
 
     names = ["self._modules['unet']._forward_hooks", "list(dict.keys(self._modules['unet'].__dict__))[0]",
              "self", "L['latents']", "latents", "G['torch']", "___check_global_state()"]
@@ -53,7 +53,8 @@ def test_a_compiled_unet_is_one_graph_guarded_on_its_inputs_only():
     torch._dynamo.reset()
     compiled = compile_for_inference(unet)
     with torch.inference_mode():
-        explained = torch._dynamo.explain(unet)(z, t)
+        with dynamo_settings():  # what every call of the compiled module runs under
+            explained = torch._dynamo.explain(unet)(z, t)
         assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
         torch.testing.assert_close(compiled(z, t), want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(compiled(z2, t), want2, rtol=1e-4, atol=1e-4)  # recompiled for batch 2
@@ -106,12 +107,16 @@ def test_more_shapes_and_instances_than_dynamos_default_limit_all_compile():
             return self.lin(x) * 2
 
     torch._dynamo.reset()
+    limit, ignored = torch._dynamo.config.recompile_limit, set(torch._dynamo.config.ignore_logging_functions)
     compiled = [compile_for_inference(Small().eval()) for _ in range(10)]
     with torch.inference_mode():
         for i, c in enumerate(compiled):
             before = counters["stats"]["unique_graphs"]
             c(torch.ones(i + 1, 4))
             assert counters["stats"]["unique_graphs"] == before + 1, f"call {i} ran without compiling"
+    # ... only inside its own calls: the process's Dynamo configuration is left as it was
+    assert torch._dynamo.config.recompile_limit == limit
+    assert set(torch._dynamo.config.ignore_logging_functions) == ignored
     torch._dynamo.reset()
 
 

@@ -95,11 +95,16 @@ def _to_int8(spec: ComponentSpec, model: onnx.ModelProto, recipe: CalibrationRec
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[recipe.method]
     extra = {"CalibPercentile": recipe.percentile} if recipe.method == "percentile" else {}
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # ORT's quantizer chats on root
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=method, reduce_range=recipe.reduce_range,
-                    nodes_to_exclude=[n.name for n in model.graph.node if _int8_float(spec, n)],
-                    extra_options=extra)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # ORT's quantizer chats on the root logger: quiet it for this call
+    try:
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=method, reduce_range=recipe.reduce_range,
+                        nodes_to_exclude=[n.name for n in model.graph.node if _int8_float(spec, n)],
+                        extra_options=extra)
+    finally:
+        root.setLevel(level)
     return onnx.load(str(dst))
 
 

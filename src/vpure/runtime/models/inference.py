@@ -90,16 +90,46 @@ def compile_for_inference(module: nn.Module) -> nn.Module:
         use_native_attention(module)
         use_native_group_norm(module)
         use_flat_linears(module)
-    _quiet_diffusers_logging_under_dynamo()
-    # Dynamo keeps its compiled entries per code object, shared by every compiled instance of a
-    # class: past recompile_limit (8) input shapes, dtypes or instances of, say, EpsUNet.forward
-    # (`vpure bench --configs tiny,small --precisions fp32,bf16 --compile` needs 8), later calls
-    # ran eagerly with only a log line. Each entry here is a deliberate static-shape compile.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
-    return torch.compile(module, dynamic=False, options={"freezing": True, "guard_filter_fn": _frozen_module_guards})
+    compiled = torch.compile(module, dynamic=False,
+                             options={"freezing": True, "guard_filter_fn": _frozen_module_guards})
+    return _with_dynamo_settings(compiled)
 
 
 _RECOMPILE_LIMIT = 64
+
+
+def _with_dynamo_settings(compiled):
+    """The compiled module with :func:`dynamo_settings` applied around each of its calls
+    (where Dynamo reads them), so the process's configuration is left as it was."""
+    inner = compiled.forward
+
+    def forward(*args, **kwargs):
+        with dynamo_settings():
+            return inner(*args, **kwargs)
+
+    compiled.forward = forward
+    return compiled
+
+
+def dynamo_settings():
+    """A context with the Dynamo settings compiled inference needs:
+
+    - Dynamo keeps compiled entries per code object, shared by every compiled instance of a
+      class: past ``recompile_limit`` (8) input shapes, dtypes or instances of, say,
+      ``EpsUNet.forward``, later calls ran eagerly with only a log line. Each entry here is a
+      deliberate static-shape compile, so the limit is 64 during these calls.
+    - UNet3DConditionModel logs at info level when the latent is not a multiple of its
+      upsampling factor; under Dynamo that call breaks the graph in two, so that logger's
+      info and debug are ignored inside these calls.
+    """
+    import logging
+
+    import torch
+
+    logger = logging.getLogger("diffusers.models.unets.unet_3d_condition")
+    cfg = torch._dynamo.config
+    return cfg.patch(recompile_limit=max(cfg.recompile_limit, _RECOMPILE_LIMIT),
+                     ignore_logging_functions=cfg.ignore_logging_functions | {logger.info, logger.debug})
 
 
 def _frozen_module_guards(entries) -> list[bool]:
@@ -112,16 +142,3 @@ def _frozen_module_guards(entries) -> list[bool]:
 
 
 _MODULE_GUARD = re.compile(r"(^|\()self[.\[]")
-
-
-def _quiet_diffusers_logging_under_dynamo() -> None:
-    """UNet3DConditionModel logs at info level when the latent is not a multiple of its
-    upsampling factor (`small`'s latents are 14 px wide, its factor 8); under Dynamo that
-    call breaks the graph in two. The logger's info and debug are made no-ops inside
-    compiled regions (that logger only; it logs nothing else on this path)."""
-    import logging
-
-    import torch
-
-    logger = logging.getLogger("diffusers.models.unets.unet_3d_condition")
-    torch._dynamo.config.ignore_logging_functions.update({logger.info, logger.debug})
