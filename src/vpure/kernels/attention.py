@@ -1,8 +1,7 @@
 """Small-head attention for CPU inference: ``softmax(q k^T * scale) v`` per (batch, head).
 
 The `small` UNet's heads are 8 channels wide. PyTorch's CPU flash kernel is blocked for
-wide heads and spends most of its time on bookkeeping there (a third of a compiled bf16
-UNet call on the Xeon); the native kernel (``kernels/src/attention.cpp``) is its
+wide heads and spends most of its time on bookkeeping there; the native kernel (``kernels/src/attention.cpp``) is its
 narrow-head counterpart: keys converted once per (batch, head), scores 16 keys at a time
 in AVX-512, a vectorised exp, fp32 arithmetic on fp32 or bf16 tensors.
 

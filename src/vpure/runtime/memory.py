@@ -4,9 +4,8 @@ glibc serves a large allocation with a fresh ``mmap`` and unmaps it on ``free`` 
 threshold that adapts, from 128 KiB up to 32 MiB), and trims the heap's free top back to
 the kernel once it exceeds twice that threshold. An inference call's activations are such
 allocations, so every call's tensors come back as new pages that the kernel zero-fills on
-first touch: on a 2-vCPU Xeon, 6,200 page faults per bf16 ResNet-18 gate call (32 frames
-at 112 px: 28-31 ms, 23 ms without them) and 34,000-37,000 per fp32 I3D-R50 call (32 x 224
-px: 213-214 ms, 182 ms without them). :func:`retain_cpu_memory` fixes the mmap threshold
+first touch: thousands of page faults per gate or recogniser call, a measurable share of
+its latency. :func:`retain_cpu_memory` fixes the mmap threshold
 at its 32 MiB ceiling and the trim threshold at 1 GiB, so that freed blocks stay in the heap
 for the next call: the process keeps its peak heap (resident set stable after warm-up, not
 above the peak) instead of handing it back and faulting it in again.

@@ -102,11 +102,9 @@ def decode_frames(decoder: Module, z: torch.Tensor, frames_per_call: int = 0) ->
     """Decode latents (N, 4, T, h, w) frame by frame in calls of ``frames_per_call`` frames.
 
     The VAE decodes every frame independently, so the N*T frames are one stream cut into
-    calls; 0 picks all at once on CUDA and 8 per call on CPU (`small`'s decoder, 7 x 16
-    frames, on the 2-vCPU Xeon with freed memory retained, eager bf16: 1.11 s at 8 frames
-    per call, 1.07-1.08 s at 16-28, 1.18-1.22 s at 4; fp32 and Inductor-compiled bf16 the
-    same at 4 or 16; 8 still fits the tiny engines' T <= 8 profiles), and never more than a
-    backend-served decoder's (``as_module_call``) shape profile admits.
+    calls; 0 picks all at once on CUDA and 8 per call on CPU (where larger calls gained
+    nothing measurable and 8 still fits the tiny engines' T <= 8 profiles), and never more
+    than a backend-served decoder's (``as_module_call``) shape profile admits.
     """
     n, c, t, h, w = z.shape
     k = frames_per_call or min(n * t if z.device.type == "cuda" else 8, _max_frames(decoder) or n * t)

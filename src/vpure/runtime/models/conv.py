@@ -3,9 +3,9 @@
 PyTorch picks a CPU convolution kernel per call with a heuristic written for images: a
 batch-1 input whose ``N*C*D*H`` is at most 20480, with kernels no wider than 3, goes to
 ``slow_conv3d`` (an unblocked im2col loop) instead of oneDNN. A recogniser on one clip of
-16 frames at 64 px meets that rule in almost every layer: the mini-world I3D runs 1.6-2.0x
-faster with every layer on oneDNN (``python -m benchmarks.bench_models --conv3d``; 2 AMD EPYC
-vCPUs; same logits to 1e-6, gradients to 1e-8). At 224 px most layers are above the threshold.
+16 frames at 64 px meets that rule in almost every layer, and runs faster with every layer
+on oneDNN (``python -m benchmarks.bench_models --conv3d``; same logits and gradients to
+float rounding). At 224 px most layers are above the threshold.
 
 :func:`use_blocked_conv3d` switches the ``Conv3d`` layers of a module to
 :class:`BlockedConv3d` in place (same parameters, same state dict, still ``nn.Conv3d``);
@@ -87,10 +87,9 @@ def use_channels_last(module: nn.Module) -> int:
     in place; returns how many. oneDNN then runs those layers in NHWC / NDHWC: activations
     follow the weights' layout from the first convolution on, and no layer reorders its
     input and output per call. Same parameters (values, names, state dict) and outputs to
-    float rounding. ``python -m benchmarks.bench_models --conv-layout`` (2 AMD EPYC vCPUs,
-    AVX2): the frame classifiers 1.12-1.18x faster (mini-world at 1-16 frames, ResNet-18 at
-    16 frames of 112 px); the I3D recognisers within noise (0.97-1.02x), so only the frame
-    classifiers are loaded this way."""
+    float rounding. ``python -m benchmarks.bench_models --conv-layout`` measures it: the
+    frame classifiers gain, the I3D recognisers do not, so only the frame classifiers are
+    loaded this way."""
     n = 0
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Conv3d)) and m.weight.device.type == "cpu":

@@ -291,8 +291,8 @@ def use_subpixel_upsampling(module: nn.Module) -> int:
 
 # Key lengths up to which attention on CPU runs as two matmuls and a softmax in fp32. PyTorch's
 # CPU flash kernel is tuned for long sequences and wide heads; UNet3D's temporal (T keys) and
-# cross (prompt) attention have few keys and 8-wide heads, where it is 1.3-1.5x slower in fp32
-# and ~2.5x in bf16 (measured on the `small` preset's shapes, 2 AMD EPYC vCPUs).
+# cross (prompt) attention have few keys and 8-wide heads, where it is slower than two plain
+# matmuls (``python -m benchmarks.bench_models`` measures both on the `small` preset's shapes).
 SHORT_KEYS = 96
 
 
@@ -541,8 +541,7 @@ class FlatLinear(nn.Linear):
     gradients; otherwise (diffusers' transformers permute the feature map into tokens just
     before ``proj_in``, and compiled weights are frozen) it runs a batched product against
     the weight expanded per batch row, which oneDNN needs materialised: 196 copies of a
-    64x64 weight per temporal transformer of the `small` UNet, 10 such products a call,
-    ~13 ms of a ~178 ms compiled bf16 call on the 2-vCPU Xeon (eager: ~9 of ~187 ms).
+    64x64 weight per temporal transformer of the `small` UNet, 10 such products a call.
     Flattening copies the (smaller) input instead. Made from an ``nn.Linear`` in place
     (:meth:`adopt`): parameters and state dict keys stay the layer's."""
 

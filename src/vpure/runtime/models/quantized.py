@@ -2,8 +2,8 @@
 
 The gate labels every frame of every clip, clean ones included, so its latency is the clean
 route's overhead over the recogniser alone. oneDNN's int8 convolutions (VNNI, AMX) run
-about 2-3x the bf16 ones on a CPU that has them (ResNet-18's layers at 112 px, 32 frames,
-on an AMX Xeon: 0.25 vs 0.57 ms at 64 channels, 1.1 vs 3.4 ms at 512). :class:`Int8FramePlan`
+several times the bf16 ones on a CPU that has them (``python -m benchmarks.bench_models
+--int8``). :class:`Int8FramePlan`
 runs the whole classifier in the integer domain:
 
 - the input is normalised and quantised in one pass (the normalisation folded into the
