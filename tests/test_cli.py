@@ -40,7 +40,7 @@ def test_bad_command_lines_get_one_clear_error_line(tmp_path, capsys):
     video.write_bytes(b"")  # never opened: each line fails on its arguments first
     cases = [
         (["bench", "--configs", "tiny,bogus"], "unknown configuration(s) 'bogus'"),
-        (["run", str(video), "--tiny", "--stride", "0"], "stride must be >= 1, got 0"),
+        (["run", str(video), "--tiny", "--stride", "0"], "stride must be in [1, 512], got 0"),
         (["run", str(video), "--tiny", "--frame-step", "0"], "frame_step must be >= 1, got 0"),
         (["run", str(video), "--config", str(junk)], "not a TOML text file"),
         (["run", str(video), "--engines", str(tmp_path / "none")], "engines folder"),
