@@ -12,7 +12,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
     expected = torch.as_tensor(expected).detach().double().cpu()
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err = (actual - expected).abs()
-    bad = err > atol + rtol * expected.abs()
+    bad = ~(err <= atol + rtol * expected.abs())  # NaN anywhere is a mismatch, as in torch.allclose
     if mask is not None:
         bad &= mask
     n = int(bad.sum())

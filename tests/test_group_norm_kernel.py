@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from vpure.kernels._dispatch import native
 from vpure.kernels.errors import KernelError, KernelUnavailable
 from vpure.kernels.group_norm import group_norm, group_norm_native, group_norm_ref, native_applies
+from helpers import assert_close
 
 pytestmark = pytest.mark.skipif(native() is None, reason="the native extension is not built")
 
@@ -54,7 +55,7 @@ def test_group_norm_without_affine_large_mean_and_strided_input():
     got, want = group_norm_native(x, 4), group_norm_ref(x, 4)
     assert (got - want).abs().max() < 2e-3  # the shift keeps the variance: naive E[x^2]-E[x]^2 in fp32 fails
     strided = _map((2, 8, 16, 32), torch.float32, torch.contiguous_format)[..., ::2]  # neither layout: made NCHW
-    assert torch.allclose(group_norm_native(strided, 4), group_norm_ref(strided, 4), atol=2e-5)
+    assert_close(group_norm_native(strided, 4), group_norm_ref(strided, 4), atol=2e-5, rtol=1e-5)
 
 
 @COPIES
@@ -65,20 +66,20 @@ def test_nan_and_inf_spread_over_their_group_only(portable):
     got = group_norm_native(x, 4, silu=True, portable=portable)
     want = F.silu(F.group_norm(x, 4))
     assert torch.equal(got.isnan(), want.isnan()) and got[0, :2].isnan().all() and got[1, 6:].isnan().all()
-    assert torch.allclose(got.nan_to_num(0.0), want.nan_to_num(0.0), atol=2e-5)
+    assert_close(got.nan_to_num(0.0), want.nan_to_num(0.0), atol=2e-5, rtol=1e-5)
 
 
 def test_silu_saturates_like_pytorch():
     x = torch.tensor([-200.0, -90.0, -20.0, -1e-30, 0.0, 1e-30, 20.0, 90.0, 200.0]).view(1, 9, 1, 1)
     # one channel per group, one pixel: the normalised value is 0 + bias, so the bias is the input
     got = group_norm_native(torch.zeros(1, 9, 1, 1), 9, torch.ones(9), x.flatten(), 1.0, True)  # rstd 1
-    assert torch.allclose(got, F.silu(x), rtol=1e-6, atol=1e-30)
+    assert_close(got, F.silu(x), rtol=1e-6, atol=1e-30)
 
 
 def test_auto_dispatch_and_bad_input():
     x = _map((2, 8, 10, 10), torch.float32, torch.channels_last)
     assert native_applies(x)
-    assert torch.allclose(group_norm(x, 4, silu=True), F.silu(F.group_norm(x, 4)), atol=2e-5)
+    assert_close(group_norm(x, 4, silu=True), F.silu(F.group_norm(x, 4)), atol=2e-5, rtol=1e-5)
     leaf = x.clone().requires_grad_()  # gradients needed: PyTorch's layers, which have them
     assert not native_applies(leaf)
     group_norm(leaf, 4, silu=True).sum().backward()
@@ -105,7 +106,7 @@ def test_the_op_is_one_opaque_kernel_in_a_compiled_graph():
 
     compiled = torch.compile(f, fullgraph=True, dynamic=False)
     with torch.inference_mode():
-        assert torch.allclose(compiled(x), f(x), atol=1e-5)
+        assert_close(compiled(x), f(x), atol=1e-5, rtol=1e-5)
 
 
 def _tiny_vae():
@@ -131,7 +132,7 @@ def test_the_vae_rewrite_keeps_its_outputs_and_autograd():
     z = torch.randn(1, 4, 3, 4, 4)
     with torch.inference_mode():
         want, got = ref(z), fast(z)
-    assert torch.allclose(got, want, atol=1e-5)
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
     z.requires_grad_(True)  # under autograd the wrapped PyTorch layers run
     fast(z).sum().backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()
@@ -147,7 +148,7 @@ def test_compiled_decoder_takes_the_native_norms():
     assert any(isinstance(m, NativeGroupNorm) for m in dec.modules())
     z = torch.randn(1, 4, 2, 4, 4)
     with torch.inference_mode():
-        assert torch.allclose(compiled(z), ref(z), atol=1e-4)
+        assert_close(compiled(z), ref(z), atol=1e-4, rtol=1e-5)
         with torch.profiler.profile() as prof:
             compiled(z)
     assert any(e.name == "vpure::group_norm" for e in prof.events())  # the op is in the compiled graph
@@ -163,7 +164,7 @@ def test_the_eager_inference_decoder_takes_the_native_norms_too():
     assert any(isinstance(m, NativeGroupNorm) for m in dec.modules())
     z = torch.randn(1, 4, 2, 4, 4)
     with torch.inference_mode():
-        assert torch.allclose(dec(z), ref(z), atol=1e-4)
+        assert_close(dec(z), ref(z), atol=1e-4, rtol=1e-5)
 
 
 def test_the_eager_inference_encoder_takes_the_native_norms_and_vpure_run_loads_it_so():
@@ -178,7 +179,7 @@ def test_the_eager_inference_encoder_takes_the_native_norms_and_vpure_run_loads_
     assert list(enc.state_dict()) == list(ref.state_dict())
     x = torch.rand(1, 3, 2, 32, 32)
     with torch.inference_mode():
-        assert torch.allclose(enc(x), ref(x), atol=1e-4)
+        assert_close(enc(x), ref(x), atol=1e-4, rtol=1e-5)
     x.requires_grad_(True)  # gradients (the attacks') go through PyTorch's layers
     enc(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -8,6 +8,7 @@ import torch
 from vpure.runtime import registry
 from vpure.runtime.errors import CheckpointError
 from vpure.runtime.models.i3d import i3d_nl5_resnet50, i3d_resnet50, load_i3d
+from helpers import assert_close
 
 
 def test_i3d_nl5_r50_has_the_gluoncv_layout():
@@ -83,7 +84,7 @@ def test_batch_invariance_and_determinism():
     b = torch.rand(1, 3, 8, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         alone, batch = m(a), m(torch.cat([a, b]))
-        assert torch.allclose(alone[0], batch[0], atol=1e-5)
+        assert_close(alone[0], batch[0], atol=1e-5, rtol=1e-5)
         assert torch.equal(m(a), alone)
 
 
@@ -102,11 +103,11 @@ def test_videomae_folder_round_trip(tmp_path):
     with torch.inference_mode():
         out = loaded(x)
         assert out.shape == (2, 5)
-        assert torch.allclose(loaded.mean.flatten(), torch.full((3,), 0.5))
+        assert_close(loaded.mean.flatten(), torch.full((3,), 0.5), atol=1e-8, rtol=1e-5)
         rec.mean.fill_(0.5)
         rec.std.fill_(0.5)
-        assert torch.allclose(out, rec(x), atol=1e-6)
-        assert torch.allclose(loaded(x[:1])[0], out[0], atol=1e-5)  # batch invariance
+        assert_close(out, rec(x), atol=1e-6, rtol=1e-5)
+        assert_close(loaded(x[:1])[0], out[0], atol=1e-5, rtol=1e-5)  # batch invariance
     with pytest.raises(CheckpointError, match="not a VideoMAE folder"):
         load_videomae(tmp_path / "nowhere")
     from vpure.runtime.errors import InputError
@@ -153,7 +154,7 @@ def test_deflated_i3d_frame_classifier_is_exact_on_static_frames():
     static = frame.expand(1, 4, 7, 10, 12)
     with torch.inference_mode():
         # away from the temporal borders, a 3D conv over a static clip is the summed 2D conv
-        assert torch.allclose(conv3(static)[:, :, 3], _conv2d_from_3d(conv3)(frame[:, :, 0]), atol=1e-5)
+        assert_close(conv3(static)[:, :, 3], _conv2d_from_3d(conv3)(frame[:, :, 0]), atol=1e-5, rtol=1e-5)
     i3d = registry.get("i3d_nl5_r50").build(seed=0)
     fc = DeflatedI3DFrameClassifier(i3d)
     with torch.inference_mode():
@@ -181,11 +182,11 @@ def test_basic_block_i3d_inflates_a_2d_resnet_and_deflates_back_exactly(tmp_path
     x = torch.rand(2, 3, 4, 32, 32)
     with torch.inference_mode():
         # kernels repeated over time / taps: summed back over time they are the 2D kernels
-        assert torch.allclose(DeflatedI3DFrameClassifier(i3d)(x), fc(x), atol=1e-5)
+        assert_close(DeflatedI3DFrameClassifier(i3d)(x), fc(x), atol=1e-5, rtol=1e-5)
         # a static clip, away from the temporal borders, sees the 2D stem
         static = x[:, :, :1].expand(2, 3, 9, 32, 32)
         stem2d = fc.bn1(fc.conv1(x[:, :, 0]))
-        assert torch.allclose(i3d.first_stage[1](i3d.first_stage[0](static))[:, :, 2], stem2d, atol=1e-5)
+        assert_close(i3d.first_stage[1](i3d.first_stage[0](static))[:, :, 2], stem2d, atol=1e-5, rtol=1e-5)
         # the non-local block starts as the identity (zero-init batch-norm scale)
         nl = i3d.res_layers[1][0].nonlocal_block
         feat = torch.rand(1, 16, 2, 4, 4)
@@ -198,12 +199,12 @@ def test_basic_block_i3d_inflates_a_2d_resnet_and_deflates_back_exactly(tmp_path
     centre = inflate_from_2d(I3DResNet(5, block="basic", blocks=(1, 2), inflate=((1,), (1, 0)),
                                        nonlocal_=((0,), (1, 0)), base_width=8, stem_pool=False), fc, "centre").eval()
     with torch.inference_mode():
-        assert torch.allclose(DeflatedI3DFrameClassifier(centre)(x), fc(x), atol=1e-5)
+        assert_close(DeflatedI3DFrameClassifier(centre)(x), fc(x), atol=1e-5, rtol=1e-5)
         # centre taps: every (strided) time step is the 2D stem on its own frame, borders included
         moving = torch.rand(2, 3, 6, 32, 32)
         got = centre.first_stage[0](moving)  # temporal stride 2: frames 0, 2, 4
         for k in range(3):
-            assert torch.allclose(got[:, :, k], fc.conv1(moving[:, :, 2 * k]), atol=1e-5)
+            assert_close(got[:, :, k], fc.conv1(moving[:, :, 2 * k]), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="mean or centre"):
         inflate_from_2d(i3d, fc, "edge")
     with pytest.raises(ValueError, match="stages do not match"):
@@ -218,7 +219,8 @@ def test_recognizer_batch_invariance(name):
     x = spec.sample_inputs(dims={"B": 2}, seed=3)["frames"]
     with torch.inference_mode():
         both = m(x)
-        assert torch.allclose(m(x[:1])[0], both[0], atol=1e-5) and torch.allclose(m(x[1:])[0], both[1], atol=1e-5)
+        assert_close(m(x[:1])[0], both[0], atol=1e-5, rtol=1e-5)
+        assert_close(m(x[1:])[0], both[1], atol=1e-5, rtol=1e-5)
 
 
 def test_blocked_conv3d_runs_batch_1_clips_through_onednn_with_the_same_outputs_and_gradients(monkeypatch, tmp_path):
@@ -253,9 +255,9 @@ def test_blocked_conv3d_runs_batch_1_clips_through_onednn_with_the_same_outputs_
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ya, yb = plain(xa), blocked(xb)
     assert calls["n"] == n
-    assert torch.allclose(ya, yb, atol=1e-5)
+    assert_close(ya, yb, atol=1e-5, rtol=1e-5)
     ya.square().sum().backward(), yb.square().sum().backward()
-    assert torch.allclose(xa.grad, xb.grad, atol=1e-6, rtol=1e-4)
+    assert_close(xa.grad, xb.grad, atol=1e-6, rtol=1e-4)
     # ONNX export traces nn.Conv3d's own path: a standard Conv node, no oneDNN call
     calls["n"] = 0
     torch.onnx.export(blocked, (x,), str(tmp_path / "b.onnx"), opset_version=17, dynamo=False)

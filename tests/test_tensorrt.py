@@ -12,6 +12,7 @@ from vpure.runtime.backends.trt_backend import tensorrt_version, unavailable_rea
 from vpure.runtime.errors import ArtifactError, BackendUnavailable, ConfigError
 from vpure.runtime.precision import CalibrationRecipe, Precision
 from vpure.runtime.runconfig import ComponentChoice
+from helpers import assert_close
 
 
 @pytest.mark.parametrize("spec", list(registry.components()), ids=lambda s: s.name)
@@ -87,7 +88,7 @@ def test_engine_builds_runs_and_refuses_tampering(tmp_path, cuda_graph):
         ref = module(*x.values())
     for _ in range(3):  # warm-up, capture, replay
         out = backend(**x)["logits"].cpu()
-        assert torch.allclose(out, ref, atol=5e-2, rtol=5e-2)
+        assert_close(out, ref, atol=5e-2, rtol=5e-2)
     data = bytearray(engine.read_bytes())
     data[len(data) // 2] ^= 0xFF
     engine.write_bytes(bytes(data))

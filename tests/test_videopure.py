@@ -219,8 +219,8 @@ def test_downsample_flow_scales_vectors():
     flow[:, :, 0], flow[:, :, 1] = 8.0, -4.0
     small = downsample_flow(flow, (8, 12))
     assert small.shape == (1, 2, 2, 8, 12)
-    assert torch.allclose(small[:, :, 0], torch.full_like(small[:, :, 0], 1.0))
-    assert torch.allclose(small[:, :, 1], torch.full_like(small[:, :, 1], -0.5))
+    assert_close(small[:, :, 0], torch.full_like(small[:, :, 0], 1.0), atol=1e-8, rtol=1e-5)
+    assert_close(small[:, :, 1], torch.full_like(small[:, :, 1], -0.5), atol=1e-8, rtol=1e-5)
 
 
 def test_decode_frames_chunking_is_equivalent(tiny):
