@@ -257,9 +257,9 @@ def _upsampling_networks():
 def bench_subpixel(csv_path=None, iters: int = 5) -> list:
     """The VAE decoders VideoPure runs (the `small` preset's, the mini-world's) with diffusers'
     ``Upsample2D`` layers (nearest 2x, then a 3x3 convolution) against
-    :func:`~vpure.runtime.models.diffusion.use_subpixel_upsampling` (each output phase a 2x2
+    :func:`~vpure.runtime.models.rewrites.use_subpixel_upsampling` (each output phase a 2x2
     convolution on the low-resolution input), timed in interleaved rounds."""
-    from vpure.runtime.models.diffusion import use_subpixel_upsampling
+    from vpure.runtime.models.rewrites import use_subpixel_upsampling
 
     return _compare("subpixel", _upsampling_networks(), use_subpixel_upsampling,
                     ("Upsample2D (upsample, then 3x3)", "SubpixelUpsample (2x2 per phase)"),

@@ -93,7 +93,7 @@ def test_a_compiled_graph_calls_it_as_one_op():
 @pytest.mark.skipif(not native_attention_available(), reason="this CPU has no AVX-512: processors are not swapped")
 def test_the_processor_gives_diffusers_outputs_and_steps_aside_for_autograd():
     from vpure.runtime import presets
-    from vpure.runtime.models.diffusion import NativeSmallHeadAttention, use_native_attention
+    from vpure.runtime.models.attention_processors import NativeSmallHeadAttention, use_native_attention
 
     unet = presets.build("tiny").unet
     z = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(4))
@@ -120,7 +120,8 @@ def test_the_eager_inference_processors_use_the_kernel_and_step_aside_for_autogr
     import copy
 
     from vpure.runtime import presets
-    from vpure.runtime.models.diffusion import ConstantContextAttention, LeanSelfAttention, optimise_for_inference
+    from vpure.runtime.models.attention_processors import ConstantContextAttention, LeanSelfAttention
+    from vpure.runtime.models.rewrites import optimise_for_inference
 
     base = presets.build("tiny").unet
     lean, fast = copy.deepcopy(base), copy.deepcopy(base)

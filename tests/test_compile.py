@@ -77,7 +77,7 @@ def test_a_compiler_failure_is_a_backend_error_naming_the_component(monkeypatch,
 
 
 def test_a_compiled_unet_keeps_diffusers_layers_where_an_eager_one_is_rewritten():
-    from vpure.runtime.models.diffusion import LeanSelfAttention
+    from vpure.runtime.models.attention_processors import LeanSelfAttention
     from vpure.runtime.runner import load_components
 
     def lean_processors(unet) -> int:
@@ -125,8 +125,7 @@ def test_flat_linears_compute_the_same_and_keep_batched_products_out_of_the_grap
     a linear on permuted tokens is one matrix product, not a batched product against an
     expanded weight (what Inductor ran for diffusers' transformer input projections)."""
     from torch._dynamo.backends.common import aot_autograd
-
-    from vpure.runtime.models.diffusion import FlatLinear, use_flat_linears
+    from vpure.runtime.models.rewrites import FlatLinear, use_flat_linears
 
     class Tokens(torch.nn.Module):  # diffusers' permute-then-project, as in TransformerTemporalModel
         def __init__(self):

@@ -323,7 +323,7 @@ def test_a_decoder_prepared_for_inference_exports_pytorchs_norms(tmp_path):
     group norm: the artefact records ONNX's own normalisation and passes its parity check."""
     import onnx
 
-    from vpure.runtime.models.diffusion import NativeGroupNorm
+    from vpure.runtime.models.rewrites import NativeGroupNorm
     from vpure.runtime.models.inference import prepare_decoder
 
     spec = registry.get("vae_decoder")

@@ -119,7 +119,8 @@ def _tiny_vae():
 
 
 def test_the_vae_rewrite_keeps_its_outputs_and_autograd():
-    from vpure.runtime.models.diffusion import NativeGroupNorm, VAEDecoder, use_native_group_norm
+    from vpure.runtime.models.diffusion import VAEDecoder
+    from vpure.runtime.models.rewrites import NativeGroupNorm, use_native_group_norm
 
     ref = VAEDecoder(_tiny_vae())
     fast = copy.deepcopy(ref)
@@ -139,7 +140,8 @@ def test_the_vae_rewrite_keeps_its_outputs_and_autograd():
 
 
 def test_compiled_decoder_takes_the_native_norms():
-    from vpure.runtime.models.diffusion import NativeGroupNorm, VAEDecoder
+    from vpure.runtime.models.diffusion import VAEDecoder
+    from vpure.runtime.models.rewrites import NativeGroupNorm
     from vpure.runtime.models.inference import compile_for_inference
 
     ref = VAEDecoder(_tiny_vae())
@@ -155,7 +157,8 @@ def test_compiled_decoder_takes_the_native_norms():
 
 
 def test_the_eager_inference_decoder_takes_the_native_norms_too():
-    from vpure.runtime.models.diffusion import NativeGroupNorm, VAEDecoder
+    from vpure.runtime.models.diffusion import VAEDecoder
+    from vpure.runtime.models.rewrites import NativeGroupNorm
     from vpure.runtime.models.inference import prepare_decoder
 
     ref = VAEDecoder(_tiny_vae())
@@ -168,7 +171,8 @@ def test_the_eager_inference_decoder_takes_the_native_norms_too():
 
 
 def test_the_eager_inference_encoder_takes_the_native_norms_and_vpure_run_loads_it_so():
-    from vpure.runtime.models.diffusion import NativeGroupNorm, VAEEncoder
+    from vpure.runtime.models.diffusion import VAEEncoder
+    from vpure.runtime.models.rewrites import NativeGroupNorm
     from vpure.runtime.models.inference import prepare_encoder
     from vpure.runtime.runner import RunConfig, load_components
 

@@ -284,7 +284,8 @@ def _tiny_eps_unet():
 
 
 def test_graphed_eps_is_the_eager_call_off_cuda():
-    from vpure.runtime.models.diffusion import GraphedEps, eps_fn_of
+    from vpure.runtime.models.diffusion import eps_fn_of
+    from vpure.runtime.models.graphed import GraphedEps
 
     unet = _tiny_eps_unet()
     g = GraphedEps(unet)
@@ -296,7 +297,8 @@ def test_graphed_eps_is_the_eager_call_off_cuda():
 
 @pytest.mark.gpu
 def test_graphed_eps_replays_match_eager_calls_on_cuda():
-    from vpure.runtime.models.diffusion import GraphedEps, eps_fn_of
+    from vpure.runtime.models.diffusion import eps_fn_of
+    from vpure.runtime.models.graphed import GraphedEps
 
     unet = _tiny_eps_unet().cuda()
     g, eager = GraphedEps(unet), eps_fn_of(unet)
@@ -319,7 +321,8 @@ def test_graphed_eps_replays_match_eager_calls_on_cuda():
 def test_folded_temporal_convs_compute_the_same_unet():
     import copy
 
-    from vpure.runtime.models.diffusion import TemporalConv, eps_fn_of, fold_temporal_convs
+    from vpure.runtime.models.diffusion import eps_fn_of
+    from vpure.runtime.models.rewrites import TemporalConv, fold_temporal_convs
 
     unet = _tiny_eps_unet()
     folded = copy.deepcopy(unet)
@@ -340,7 +343,8 @@ def test_training_through_folded_convs_updates_the_original_layout():
     parameter objects, so the saved state dict and the module's outputs are the folded ones'."""
     import copy
 
-    from vpure.runtime.models.diffusion import TemporalConv, eps_fn_of, fold_temporal_convs, unfold_temporal_convs
+    from vpure.runtime.models.diffusion import eps_fn_of
+    from vpure.runtime.models.rewrites import TemporalConv, fold_temporal_convs, unfold_temporal_convs
 
     unet = _tiny_eps_unet()
     before = copy.deepcopy(unet)
@@ -369,7 +373,7 @@ def test_training_through_folded_convs_updates_the_original_layout():
 @pytest.mark.parametrize("keys", [16, 77, 196])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attend_matches_sdpa_for_short_and_long_keys(keys, dtype):
-    from vpure.runtime.models.diffusion import SHORT_KEYS, attend
+    from vpure.runtime.models.attention_processors import SHORT_KEYS, attend
 
     g = torch.Generator().manual_seed(keys)
     q, k, v = (torch.randn(3, 4, n, 8, generator=g).to(dtype).requires_grad_(True) for n in (49, keys, keys))
@@ -391,8 +395,9 @@ def test_attend_matches_sdpa_for_short_and_long_keys(keys, dtype):
 def test_inference_rewrites_compute_the_same_unet_and_keep_gradients():
     import copy
 
-    from vpure.runtime.models.diffusion import (ConstantContextAttention, LeanSelfAttention, eps_fn_of,
-                                                optimise_for_inference)
+    from vpure.runtime.models.attention_processors import ConstantContextAttention, LeanSelfAttention
+    from vpure.runtime.models.diffusion import eps_fn_of
+    from vpure.runtime.models.rewrites import optimise_for_inference
 
     unet = _tiny_eps_unet()
     fast = copy.deepcopy(unet)
@@ -436,8 +441,7 @@ def test_inference_rewrites_compute_the_same_unet_and_keep_gradients():
 @pytest.mark.parametrize("bias", [True, False])
 def test_subpixel_upsample_equals_upsample_then_convolve(channels_last, bias):
     from diffusers.models.upsampling import Upsample2D
-
-    from vpure.runtime.models.diffusion import SubpixelUpsample
+    from vpure.runtime.models.rewrites import SubpixelUpsample
 
     torch.manual_seed(0)
     ref = Upsample2D(6, use_conv=True, out_channels=5, bias=bias).eval()
@@ -461,8 +465,8 @@ def test_subpixel_upsampling_keeps_the_decoder_its_state_and_its_gradients():
     import copy
     import pickle
 
-    from vpure.runtime.models.diffusion import (SubpixelUpsample, VAEDecoder, optimise_for_inference, tiny_vae,
-                                                use_subpixel_upsampling)
+    from vpure.runtime.models.diffusion import tiny_vae, VAEDecoder
+    from vpure.runtime.models.rewrites import SubpixelUpsample, optimise_for_inference, use_subpixel_upsampling
 
     torch.manual_seed(0)
     dec = VAEDecoder(tiny_vae()).eval()

@@ -9,7 +9,7 @@ Tensors are taken as an attention layer's projections lay them out, ``(B, L, H*D
 so no per-head transposes are needed. ``small_head_attention`` is a ``torch.library``
 custom op (``vpure::small_head_attention``): a compiled graph calls it as one opaque
 kernel. It has no autograd formula: callers use it for inference only (the attention
-processor ``vpure.runtime.models.diffusion.NativeSmallHeadAttention`` steps aside under autograd).
+processor ``vpure.runtime.models.attention_processors.NativeSmallHeadAttention`` steps aside under autograd).
 """
 
 from __future__ import annotations

@@ -123,7 +123,9 @@ def cases_for(name: str, m, backends: list[str], precisions: list[str], device: 
     """(case name, eps_fn, encoder, decoder, parity) for each backend x precision asked;
     ``compile`` adds each torch precision's UNet and VAE compiled by Inductor
     (:func:`~.models.inference.compile_for_inference`, diffusers' own layers)."""
-    from vpure.runtime.models.diffusion import GraphedEps, eps_fn_of, optimise_for_inference
+    from vpure.runtime.models.diffusion import eps_fn_of
+    from vpure.runtime.models.graphed import GraphedEps
+    from vpure.runtime.models.rewrites import optimise_for_inference
     from vpure.runtime.models.inference import compile_for_inference, prepare_decoder, prepare_encoder
 
     out = []

@@ -289,7 +289,8 @@ def train_vae(cfg, world, data, test, weights_dir, progress):
 
 
 def train_unet(cfg, world, data, test, weights_dir, progress):
-    from vpure.runtime.models.diffusion import VAEEncoder, fold_temporal_convs, unfold_temporal_convs
+    from vpure.runtime.models.diffusion import VAEEncoder
+    from vpure.runtime.models.rewrites import fold_temporal_convs, unfold_temporal_convs
 
     clips, _ = data
     encoder = VAEEncoder(mw.load("vae", weights_dir)).eval()

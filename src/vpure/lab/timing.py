@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import os
 import statistics
 import subprocess
 import time

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import signal
 import statistics
-import sys
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -135,7 +134,8 @@ def load_components(cfg: RunConfig) -> Components:
     if torch_module("decoder"):
         prepare_decoder(comps.decoder)
     if torch_module("unet"):
-        from .models.diffusion import EpsUNet, fold_temporal_convs, optimise_for_inference
+        from .models.diffusion import EpsUNet
+        from .models.rewrites import fold_temporal_convs, optimise_for_inference
 
         if isinstance(comps.unet, EpsUNet):  # torch inference only: exporters see diffusers' modules
             optimise_for_inference(comps.unet)

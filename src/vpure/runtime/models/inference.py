@@ -36,11 +36,11 @@ def prepare_frame_classifier(module: nn.Module) -> None:
 
 
 def prepare_decoder(module: nn.Module) -> None:
-    """Sub-pixel upsampling in the VAE decoder (:func:`~.diffusion.use_subpixel_upsampling`;
+    """Sub-pixel upsampling in the VAE decoder (:func:`~.rewrites.use_subpixel_upsampling`;
     ``bench_models --subpixel``) and its group norms fused with their SiLUs in the native
-    kernel (:func:`~.diffusion.use_native_group_norm`): one pass over each map instead of
+    kernel (:func:`~.rewrites.use_native_group_norm`): one pass over each map instead of
     PyTorch's norm and activation."""
-    from .diffusion import use_native_group_norm, use_subpixel_upsampling
+    from .rewrites import use_native_group_norm, use_subpixel_upsampling
 
     use_subpixel_upsampling(module)
     use_native_group_norm(module)
@@ -48,8 +48,8 @@ def prepare_decoder(module: nn.Module) -> None:
 
 def prepare_encoder(module: nn.Module) -> None:
     """The VAE encoder's group norms fused with their SiLUs in the native kernel
-    (:func:`~.diffusion.use_native_group_norm`), as in :func:`prepare_decoder`."""
-    from .diffusion import use_native_group_norm
+    (:func:`~.rewrites.use_native_group_norm`), as in :func:`prepare_decoder`."""
+    from .rewrites import use_native_group_norm
 
     use_native_group_norm(module)
 
@@ -61,12 +61,12 @@ def compile_for_inference(module: nn.Module) -> nn.Module:
     rewrites above are for eager calls; a compiled module should get the original layers
     (Inductor fuses diffusers' own graph better than the rewritten one), with three exceptions
     on CPU: attention layers with 8-, 16- or 32-wide heads get the native small-head kernel
-    where its AVX-512 copy runs (:func:`~.diffusion.use_native_attention`, one custom op in
+    where its AVX-512 copy runs (:func:`~.attention_processors.use_native_attention`, one custom op in
     the graph instead of PyTorch's flash kernel; ``bench_models --native-attention``), and
     the VAE's group norms and the SiLU after each become the native group-norm kernel
-    (:func:`~.diffusion.use_native_group_norm`; Inductor's own kernel for them on
+    (:func:`~.rewrites.use_native_group_norm`; Inductor's own kernel for them on
     channels-last maps was two thirds of a compiled `small` decode), and every linear layer
-    flattens its input itself (:class:`~.diffusion.FlatLinear`: Inductor ran the
+    flattens its input itself (:class:`~.rewrites.FlatLinear`: Inductor ran the
     transformers' input projections as batched products against a copied weight).
 
     Compilation happens on the first call of each input shape and takes minutes for a UNet
@@ -82,7 +82,8 @@ def compile_for_inference(module: nn.Module) -> nn.Module:
     wrapper."""
     import torch
 
-    from .diffusion import use_flat_linears, use_native_attention, use_native_group_norm
+    from .attention_processors import use_native_attention
+    from .rewrites import use_flat_linears, use_native_group_norm
 
     module.requires_grad_(False)
     if all(p.device.type == "cpu" for p in module.parameters()):
