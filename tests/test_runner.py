@@ -15,7 +15,8 @@ import torch
 from vpure.runtime.detect import DetectionConfig
 from vpure.runtime.errors import InputError
 from vpure.runtime.flow import DISFlow
-from vpure.runtime.runner import CachedFlow, CachedFrameLogits, Components, Runner, RunConfig, load_components
+from vpure.runtime.frame_caches import CachedFlow, CachedFrameLogits
+from vpure.runtime.runner import Components, Runner, RunConfig, load_components
 from vpure.runtime.shield import ShieldConfig
 from vpure.runtime.stream import StreamConfig, Windows, Frame, window_count
 

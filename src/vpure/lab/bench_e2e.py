@@ -1,5 +1,6 @@
 """End-to-end latency (``vpure bench``): per-stage tables, the released-code reference beside
-the runtime in the same invocation, CSV rows and a PNG of the stage breakdown.
+the runtime in the same invocation, CSV rows and a PNG of the stage breakdown. (Past ~400
+lines: the VideoPure, clean-route and chart cases share one set of case builders.)
 
 One clip of the configuration's size is encoded to a video file once; every timed run
 decodes it (PyAV, the ``decode`` stage), runs the detection gate, then VideoPure with the
@@ -345,7 +346,7 @@ def _time_clean_route(config: str, x: torch.Tensor, recognizer, gate, make_shiel
     alone), the gate at that precision and int8, and in front of an fp32 recogniser at every
     other one too (a gate only labels frames, so a bf16 or int8 gate may well serve an fp32
     recogniser); rows of all runs."""
-    from vpure.runtime.runner import CachedFrameLogits
+    from vpure.runtime.frame_caches import CachedFrameLogits
 
     precisions = clean_route_precisions(precisions)
     t = x.shape[2]

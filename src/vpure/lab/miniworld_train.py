@@ -4,7 +4,8 @@ One loop (AdamW, linear warm-up then cosine decay, gradient clipping, a progress
 a final metrics line) serves every component; each ``train_<component>`` only says what a
 batch is and what the loss is, then measures the test-split metrics its model card
 records. Training data are clips of the seeded mini-world train split, generated once and
-cached under ``$VPURE_CACHE/miniworld``.
+cached under ``$VPURE_CACHE/miniworld``. (Past ~400 lines: one loop and six short
+per-component recipes read best side by side.)
 """
 
 from __future__ import annotations

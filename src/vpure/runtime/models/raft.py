@@ -11,6 +11,9 @@ flow is estimated on a grid twice as fine and upsampled 4x (the large model's co
 head then predicts 4x4 instead of 8x8 weights per cell). Small frames (the mini-world's 64
 pixels: an 8x8 grid at stride 8) need it; checkpoints record it in their config.
 
+One file past ~400 lines on purpose: the encoders, correlation pyramid, update blocks and
+key mapping are one architecture whose parameter names must match the original's.
+
 Input frames are in [0, 1]. ``input_range="unit"`` feeds them as they are (VideoPure's
 released code disables RAFT's normalisation); ``"native"`` applies RAFT's own
 2 * (x / 255) - 1 to the 0..255 image, i.e. 2x - 1. The iteration count is fixed at
