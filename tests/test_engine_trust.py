@@ -93,3 +93,10 @@ def test_vpure_run_refuses_engines_after_the_weights_changed(tmp_path, monkeypat
     comps = load_components(cfg.replace(runtime=cfg.runtime.replace(allow_stale=True)))
     with torch.inference_mode():
         assert comps.frame_classifier(torch.rand(1, 3, 4, 64, 64)).shape[:2] == (1, 4)
+
+
+def test_a_sidecar_that_is_not_a_json_object_is_a_one_line_error(fc_engine):
+    spec, _, path = fc_engine
+    artifacts.sidecar_path(path).write_text("[1, 2, 3]")
+    with pytest.raises(ArtifactError, match="holds a JSON list, not an object"):
+        _open(spec, path.parent, None)

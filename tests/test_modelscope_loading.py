@@ -110,3 +110,15 @@ def test_corrupt_cached_embedding_is_recomputed_with_a_warning(folder, tmp_path,
     assert "unreadable" in caplog.text and "recomputing" in caplog.text
     assert torch.equal(emb, good)
     assert torch.equal(modelscope.empty_prompt_embedding(folder), good)  # the cache was rewritten whole
+
+
+def test_a_pickled_text_encoder_that_weights_only_refuses_is_a_one_line_error(folder):
+    import datetime
+
+    enc = folder / "text_encoder"
+    for f in enc.glob("*.safetensors"):
+        f.unlink()
+    torch.save({"weights": datetime.datetime.now()}, enc / "pytorch_model.bin")  # not plain tensors
+    with pytest.raises(CheckpointError) as e:
+        modelscope.empty_prompt_embedding(folder)
+    assert str(e.value).startswith(f"cannot load the text encoder from {enc}: ") and "\n" not in str(e.value)
