@@ -166,3 +166,26 @@ def test_raft_exports_to_onnx_with_fixed_iterations():
     (out,) = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
     with torch.inference_mode():
         assert_close(torch.from_numpy(out), model(*inputs.values()), atol=spec.tolerance.fp32_atol, name="raft onnx")
+
+
+def test_raft_flow_pads_centred_like_rafts_input_padder():
+    """RAFT's demo and VideoPure's released code pad by replication, centred (InputPadder,
+    sintel mode); bottom-right padding shifts the flow field by about half a pixel."""
+    import torch.nn.functional as F
+
+    from vpure.runtime.models.raft import RAFTFlow, raft_small
+
+    torch.manual_seed(0)
+    model = raft_small(iters=3).eval()
+    frames = torch.rand(1, 3, 3, 131, 157)
+    h, w = frames.shape[-2:]
+    pad_h, pad_w = (((h // 8) + 1) * 8 - h) % 8, (((w // 8) + 1) * 8 - w) % 8  # InputPadder's arithmetic
+    pad = [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2]
+    with torch.inference_mode():
+        want = []
+        for i in range(2):
+            a, b = (F.pad(frames[:, :, j], pad, mode="replicate") for j in (i, i + 1))
+            flow = model(a, b)
+            want.append(flow[..., pad[2]:pad[2] + h, pad[0]:pad[0] + w])
+        got = RAFTFlow(model)(frames)
+    assert_close(got[0], torch.cat(want), atol=1e-4, rtol=1e-4, name="flow")  # pairs batched vs one by one

@@ -124,6 +124,8 @@ def component_spec(name: str, component: str):
              "K": (p.num_classes,) * 3}
     if spec.role == registry.Role.EPS:
         sizes["T"] = (2, p.frames, p.frames)
+    elif spec.role == registry.Role.RECOGNIZER:  # clip recognisers need several frames (I3D: 3 or more)
+        sizes["T"] = (min(spec.profile["T"][0], p.frames), p.frames, p.frames)
     return dataclasses.replace(spec, profile={d: sizes.get(d, v) for d, v in spec.profile.items()})
 
 

@@ -107,18 +107,18 @@ def decode_frames(decoder: Module, z: torch.Tensor, frames_per_call: int = 0) ->
     than a backend-served decoder's (``as_module_call``) shape profile admits.
     """
     n, c, t, h, w = z.shape
-    k = frames_per_call or min(n * t if z.device.type == "cuda" else 8, _max_frames(decoder) or n * t)
+    k = frames_per_call or min(n * t if z.device.type == "cuda" else 8, profile_max(decoder, "T") or n * t)
     flat = z.permute(0, 2, 1, 3, 4).reshape(1, n * t, c, h, w).permute(0, 2, 1, 3, 4)  # (1, 4, N*T, h, w)
     out = torch.cat([decoder(flat[:, :, i:i + k]) for i in range(0, n * t, k)], dim=2)
     return out.permute(0, 2, 1, 3, 4).reshape(n, t, *out.shape[1:2], *out.shape[-2:]).permute(0, 2, 1, 3, 4)
 
 
-def _max_frames(decoder) -> int | None:
-    """The most frames per call a backend-served decoder's shape profile admits (an engine
-    built for T <= 8 takes no 16-frame call), or None for a plain module."""
-    spec = getattr(getattr(decoder, "backend", None), "spec", None)
+def profile_max(module, dim: str) -> int | None:
+    """The largest size of ``dim`` a backend-served module's shape profile admits (a decoder
+    engine built for T <= 8 takes no 16-frame call), or None for a plain module."""
+    spec = getattr(getattr(module, "backend", None), "spec", None)
     profile = getattr(spec, "profile", None) or {}
-    return profile["T"][2] if "T" in profile else None
+    return profile[dim][2] if dim in profile else None
 
 
 class TimedEps:

@@ -184,10 +184,15 @@ def build_shield(comps: Components, cfg: RunConfig):
     if cfg.flow == "raft" and comps.raft is not None:
         if isinstance(comps.raft, torch.nn.Module):
             base = RAFTFlow(comps.raft, pairs_per_call=16)
-        else:  # an engine: call it pair-batched like RAFTFlow does
-            def base(frames, input_range="unit", f=comps.raft):
+        else:  # an engine: call it pair-batched like RAFTFlow does, within its batch profile
+            from .purifier import profile_max
+
+            def base(frames, input_range="unit", f=comps.raft, k=profile_max(comps.raft, "B")):
                 x = frames[0].transpose(0, 1)  # (T, 3, H, W)
-                return f(x[:-1].contiguous(), x[1:].contiguous())[None]
+                a, b = x[:-1], x[1:]
+                step = k or len(a)
+                return torch.cat([f(a[i:i + step].contiguous(), b[i:i + step].contiguous())
+                                  for i in range(0, len(a), step)])[None]
     else:
         base = DISFlow("medium")
     flow = CachedFlow(base)

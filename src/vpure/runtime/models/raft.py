@@ -288,8 +288,9 @@ class RAFTFlow:
     """Flow provider over clips: frames (B, 3, T, H, W) in [0, 1] -> flows (B, T-1, 2, H, W).
 
     Frame pairs are batched ``pairs_per_call`` at a time (memory bound for long clips); H and
-    W are padded (replicate) to multiples of the stride (and to RAFT's minimum size) and the flow is
-    cropped back.
+    W are padded by replication to multiples of the stride (and to RAFT's minimum size),
+    centred as RAFT's own ``InputPadder`` does (half the padding before, the rest after;
+    VideoPure's released code uses it too), and the flow is cropped back.
     """
 
     def __init__(self, model: RAFT, pairs_per_call: int = 8):
@@ -303,13 +304,14 @@ class RAFTFlow:
         s = self.model.stride
         ph, pw = max((-h) % s, self.model.min_size - h), max((-w) % s, self.model.min_size - w)
         x = frames_to_batch(frames)
+        top, left = ph // 2, pw // 2
         if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+            x = F.pad(x, (left, pw - left, top, ph - top), mode="replicate")
         x = x.reshape(b, t, 3, h + ph, w + pw)
         first, second = x[:, :-1].reshape(-1, 3, h + ph, w + pw), x[:, 1:].reshape(-1, 3, h + ph, w + pw)
         k = self.pairs_per_call
         flows = torch.cat([self.model(first[i:i + k], second[i:i + k]) for i in range(0, first.shape[0], k)])
-        return flows[..., :h, :w].reshape(b, t - 1, 2, h, w)
+        return flows[..., top:top + h, left:left + w].reshape(b, t - 1, 2, h, w)
 
 
 def raft_large(iters: int = 10, input_range: str = "unit") -> RAFT:
