@@ -263,3 +263,32 @@ def test_blocked_conv3d_runs_batch_1_clips_through_onednn_with_the_same_outputs_
     torch.onnx.export(blocked, (x,), str(tmp_path / "b.onnx"), opset_version=17, dynamo=False)
     assert calls["n"] == 0
     assert restore_conv3d(blocked) == n and not any(isinstance(m, BlockedConv3d) for m in blocked.modules())
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_slowfast_head_pools_as_pytorchvideo_at_any_size(size):
+    """pytorchvideo: AvgPool3d((8, 7, 7)) / ((32, 7, 7)) at stride 1 per pathway, the
+    projection at every position, then the average. At 256 px the last map is 8x8, where a
+    global average differs; at 64 px the kernels exceed the map (clipped: the global mean)."""
+    from vpure.runtime.models.fused import use_fused_inference
+    from vpure.runtime.models.slowfast import tiny_slowfast
+
+    torch.manual_seed(0)
+    model = tiny_slowfast().eval()
+    x = torch.rand(1, 3, 32, size, size)
+    with torch.inference_mode():
+        slow, fast = model.pathways(x)
+        for block in model.blocks[:-2]:
+            slow, fast = block(slow, fast)
+        pools = []
+        for feat, (kt, kh, kw) in ((slow, (8, 7, 7)), (fast, (32, 7, 7))):
+            k = (min(kt, feat.shape[2]), min(kh, feat.shape[3]), min(kw, feat.shape[4]))
+            pools.append(torch.nn.AvgPool3d(k, stride=1)(feat))
+        pooled = torch.cat(pools, dim=1)  # (B, C, t, h, w) positions
+        proj = model.blocks[-1].proj
+        want = proj(pooled.permute(0, 2, 3, 4, 1)).mean(dim=(1, 2, 3))  # project each position, then average
+        if size == 256:
+            assert pooled.shape[-2:] == (2, 2)  # four windows: not the global average
+        assert_close(model(x), want, atol=1e-5, rtol=1e-5, name="eager")
+        use_fused_inference(model)
+        assert_close(model(x), want, atol=1e-4, rtol=1e-4, name="fused plan")

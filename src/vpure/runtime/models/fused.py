@@ -238,6 +238,7 @@ class SlowFastPlan(_Plan):
             lateral = None if isinstance(fusion, nn.Identity) else FusedConv(fusion.conv_fast_to_slow, fusion.norm,
                                                                               "relu")
             self.stages.append((paths, lateral))
+        self.head_pool = model.blocks[-2]  # the model's own head pooling (pytorchvideo's windows)
         proj = model.blocks[-1].proj
         self.fc_weight, self.fc_bias = proj.weight.detach(), proj.bias.detach()
 
@@ -263,7 +264,7 @@ class SlowFastPlan(_Plan):
             slow, fast = self._run(slow, slow_path), self._run(fast, fast_path)
             if lateral is not None:
                 slow = torch.cat([slow, lateral(fast)], dim=1)
-        pooled = torch.cat([slow.mean((2, 3, 4)), fast.mean((2, 3, 4))], dim=1)
+        pooled = self.head_pool(slow, fast).flatten(1)
         return torch.addmm(self.fc_bias, pooled, self.fc_weight.t())  # dropout: identity in eval
 
 

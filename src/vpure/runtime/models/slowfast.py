@@ -107,9 +107,33 @@ class MultiPathway(nn.Module):
         return self.multipathway_fusion(slow, fast)
 
 
+HEAD_POOL_KERNELS = ((8, 7, 7), (32, 7, 7))  # pytorchvideo slowfast_r50's head_pool_kernel_sizes (slow, fast)
+
+
+def _window_mean(x: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tensor:
+    """The mean over positions of ``AvgPool3d(kernel, stride=1)(x)``, the kernel clipped to
+    the map: (B, C, 1, 1, 1)."""
+    k = tuple(min(a, b) for a, b in zip(kernel, x.shape[2:]))
+    if k != tuple(x.shape[2:]):
+        x = nn.functional.avg_pool3d(x, k, stride=1)
+    return x.mean(dim=(2, 3, 4), keepdim=True)
+
+
 class PoolConcat(nn.Module):
+    """pytorchvideo's SlowFast head pooling: each pathway average-pooled with its (T, 7, 7)
+    kernel at stride 1 and concatenated; its head then projects every pooled position and
+    averages the projections, which equals projecting their mean (:class:`Head`; the
+    projection is linear). The result is the global average only when the last feature map
+    is the kernel's size (224 px, 32 frames); at pytorchvideo's 256-px inference crop it is
+    the mean of four overlapping 7x7 windows. Kernels larger than a map are clipped to it
+    (pytorchvideo fails there instead)."""
+
+    def __init__(self, kernels: tuple[tuple[int, int, int], tuple[int, int, int]] = HEAD_POOL_KERNELS):
+        super().__init__()
+        self.kernels = kernels
+
     def forward(self, slow, fast):
-        return torch.cat([slow.mean(dim=(2, 3, 4), keepdim=True), fast.mean(dim=(2, 3, 4), keepdim=True)], dim=1)
+        return torch.cat([_window_mean(slow, self.kernels[0]), _window_mean(fast, self.kernels[1])], dim=1)
 
 
 class Head(nn.Module):
