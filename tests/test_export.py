@@ -334,3 +334,22 @@ def test_a_decoder_prepared_for_inference_exports_pytorchs_norms(tmp_path):
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert ops & {"GroupNormalization", "InstanceNormalization"} and not any(n.domain == "vpure" for n in
                                                                              onnx.load(str(path)).graph.node)
+
+
+def test_an_int8_unet_that_flips_videopures_label_is_removed_and_the_export_fails(tmp_path, capsys, monkeypatch):
+    """Parity per call can pass while the purified clip's label flips (a badly calibrated
+    int8 UNet): that artefact must not be served, and the export must say so in its exit code."""
+    import vpure.export.report as report
+    from vpure.runtime.cli import main
+
+    real = report.unet_member_effect
+
+    def flipped(*args, **kwargs):
+        e = real(*args, **kwargs)
+        return e | {"members_agree": 5, "label_engine": e["label_torch"] + 1, "frames_sqnr_db": 13.8}
+
+    monkeypatch.setattr(report, "unet_member_effect", flipped)
+    assert main(["export", "--tiny", "--components", "unet", "--precision", "fp32", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "5/7 VideoPure members agree" in out and "flips VideoPure's label" in out and "removed" in out
+    assert not list(tmp_path.glob("unet.*.onnx")) and not list(tmp_path.glob("unet.*.json"))

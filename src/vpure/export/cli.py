@@ -65,8 +65,9 @@ def _modules(args, specs, ckpts) -> dict:
     return modules
 
 
-def _member_effect(args, unet_spec, unet, engines_dir, precision, recipe) -> str:
-    """One line on the UNet artefact's effect on the seven VideoPure members."""
+def _member_effect(args, unet_spec, unet, engines_dir, precision, recipe) -> tuple[str, bool]:
+    """One line on the UNet artefact's effect on the seven VideoPure members, and whether the
+    purified clip keeps the label torch gives it (an artefact that flips it is not served)."""
     from vpure.export.report import synthetic_clip, unet_member_effect
     from vpure.runtime import registry
     from vpure.runtime.backends import create_backend
@@ -99,9 +100,10 @@ def _member_effect(args, unet_spec, unet, engines_dir, precision, recipe) -> str
     backend = create_backend(unet_spec, ComponentChoice(backend="onnxruntime", precision=precision,
                                                         calibration=recipe), engines_dir=engines_dir)
     e = unet_member_effect(unet, backend, enc, dec, rec, clip)
-    return (f"unet {precision.value}: {e['members_agree']}/{e['members']} VideoPure members agree with torch, "
+    line = (f"unet {precision.value}: {e['members_agree']}/{e['members']} VideoPure members agree with torch, "
             f"label {e['label_engine']} vs {e['label_torch']}, max |d logit| {e['max_logit_diff']:.3g}, "
             f"purified frames SQNR {e['frames_sqnr_db']:.1f} dB")
+    return line, e["label_engine"] == e["label_torch"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,11 +177,21 @@ def run(args: argparse.Namespace) -> int:
                 continue
             side = json.loads(artifacts.sidecar_path(path).read_text())
             rows.append((spec.name, precision.value, side["parity"], path.name, side["kept_fp32"]))
+            built = [path]
             if args.tensorrt and not trt_why:
                 engine = build_engine(spec, args.out, precision, rec, force=args.force, key=key)
+                built.append(engine)
                 rows.append((spec.name, precision.value + " trt", side["parity"], engine.name, side["kept_fp32"]))
             if spec.role == "eps":
-                effects.append(_member_effect(args, spec, modules[spec.name], args.out, precision, rec))
+                line, keeps_label = _member_effect(args, spec, modules[spec.name], args.out, precision, rec)
+                effects.append(line)
+                if not keeps_label:  # parity per call passed, the purified clip's label did not: not served
+                    for f in built:  # the ONNX artefact and any engine built from it, with sidecars
+                        f.unlink(missing_ok=True)
+                        artifacts.sidecar_path(f).unlink(missing_ok=True)
+                    hint = (" (calibrated on random inputs: use --calibration miniworld or clips:DIR)"
+                            if rec is not None and rec.source == "random" else "")
+                    failed.append(f"{path.name} flips VideoPure's label ({line}); removed{hint}")
     print("\n| component | precision | max abs err | SQNR dB | kept in float | artefact |\n|---|---|---|---|---|---|")
     for name, prec, parity, fname, kept in rows:
         print(f"| {name} | {prec} | {parity['max_abs']:.3g} | {parity['sqnr_db']:.1f} | {', '.join(kept) or '-'} | {fname} |")
