@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from vpure.runtime.machine import machine_id  # noqa: F401  (rows name the machine)
+from vpure.runtime.machine import machine_id
 from vpure.runtime.versions import package_version
 
 CSV_FIELDS = ("timestamp", "machine", "device", "commit", "torch", "vpure", "group", "config", "case",

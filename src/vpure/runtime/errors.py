@@ -7,6 +7,12 @@ class VpureError(Exception):
     """Base class of every error vpure raises on purpose."""
 
 
+def first_line(e: BaseException) -> str:
+    """``"<Type>: <first line of the message>"``: a third-party error in one line of ours."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class ConfigError(VpureError, ValueError):
     """A configuration value or file is invalid (field named in the message)."""
 

@@ -168,10 +168,9 @@ def _weight_files(cfg: RunConfig, fld: str) -> list[Path]:
     """The files component ``fld`` of the model set was loaded from (none for random-init ones)."""
     if cfg.models != "miniworld":
         return []
-    from .miniworld.models import WEIGHTS_DIR
+    from .miniworld.models import weights_path
 
-    name = {"encoder": "vae", "decoder": "vae"}.get(fld, fld)
-    return [Path(cfg.weights or WEIGHTS_DIR) / f"{name}.safetensors"]
+    return [weights_path({"encoder": "vae", "decoder": "vae"}.get(fld, fld), cfg.weights)]
 
 
 def build_shield(comps: Components, cfg: RunConfig):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .. import atomic
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..log import get_logger
 
 log = get_logger(__name__)
@@ -178,7 +178,7 @@ def load(component: str, weights_dir: str | Path | None = None) -> torch.nn.Modu
         module = build(component, cfg or None)
     except (TypeError, ValueError, KeyError) as e:  # tampered metadata, another model's file
         raise CheckpointError(f"{path}: its architecture config does not build the mini-world {component}: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+                              f"{first_line(e)}") from None
     return load_into(module, state, str(path)).eval()
 
 

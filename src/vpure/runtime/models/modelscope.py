@@ -18,7 +18,7 @@ import torch
 
 from .. import atomic
 from ..env import read_environment
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..log import get_logger
 from .diffusion import EpsUNet, VAEDecoder, VAEEncoder
 
@@ -51,12 +51,7 @@ def _pretrained(cls, path: Path, what: str, dtype: torch.dtype):
     try:
         return cls.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
     except Exception as e:  # noqa: BLE001 - any loader failure (a pickle weights_only refuses too) is one line
-        raise CheckpointError(f"cannot load the {what} from {path}: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+        raise CheckpointError(f"cannot load the {what} from {path}: {first_line(e)}") from None
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -81,7 +76,7 @@ def compute_empty_prompt_embedding(root: Path) -> torch.Tensor:
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot load the tokenizer from {tok_dir}: {_first_line(e)}") from None
+        raise CheckpointError(f"cannot load the tokenizer from {tok_dir}: {first_line(e)}") from None
     encoder = _pretrained(CLIPTextModel, enc_dir, "text encoder", torch.float32).eval()
     ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, first_line
 from ..registry import RECOGNIZER_IO, ComponentSpec, Role, register
 from .conv import graph_capture_active
 from .frame_classifier import IMAGENET_MEAN, IMAGENET_STD
@@ -60,9 +60,7 @@ def load_videomae(path, dtype: torch.dtype = torch.float32) -> VideoMAERecognize
     try:
         model = VideoMAEForVideoClassification.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     except Exception as e:  # noqa: BLE001 - any loader failure (a pickle weights_only refuses too) is one line
-        text = str(e).strip()
-        raise CheckpointError(f"cannot load VideoMAE from {path}: {type(e).__name__}: "
-                              f"{text.splitlines()[0] if text else ''}") from None
+        raise CheckpointError(f"cannot load VideoMAE from {path}: {first_line(e)}") from None
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     pre = path / "preprocessor_config.json"
     if pre.is_file():
