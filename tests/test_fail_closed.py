@@ -135,12 +135,12 @@ def test_nan_gate_and_recogniser_on_real_footage_write_no_clean_record(data_dir)
 def test_an_engine_that_returns_inf_fails_closed(tmp_path, monkeypatch):
     """A real ONNX Runtime gate whose outputs overflow (as an fp16 engine can) never routes clean."""
     from vpure.export.exporter import export_component
-    from vpure.runtime import registry
+    from vpure.runtime import deployment, registry
     from vpure.runtime.backends.ort_backend import OrtBackend
     from vpure.runtime.runconfig import ComponentChoice, RuntimeConfig
 
-    spec = registry.get("frame_classifier")
-    export_component(spec, spec.build(seed=0), tmp_path, "fp32")
+    spec = deployment.plan(deployment.ModelsConfig.from_name("tiny")).spec("frame_classifier")
+    export_component(spec, registry.get("frame_classifier").build(seed=0), tmp_path, "fp32")
     real_call = OrtBackend.__call__
 
     def overflowing(self, **inputs):

@@ -31,7 +31,7 @@ import hmac
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import ArtifactError
 from .log import get_logger
@@ -51,6 +51,11 @@ class Trust:
     source_sha256: str | None = None
     key: bytes | None = None
     allow_stale: bool = False
+    # The deployment's identity of the weights (their files' hashes and its config of the
+    # network): checked against a sidecar that records one, without building the network.
+    source_id: str | Callable[[], str | None] | None = None
+    # The loaded module's state hash, computed on demand (sidecars without a source id).
+    state_hash: Callable[[], str] | None = None
 
 
 def toolchain() -> dict[str, str]:
@@ -145,6 +150,31 @@ def source_hash(module, files: Iterable[str | Path] = ()) -> str:
     return digest
 
 
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, cached by its path, size and modification time (weights are
+    hashed once, not at every start)."""
+    from . import atomic
+    from .env import read_environment
+
+    path = Path(path).resolve()
+    st = path.stat()
+    key = json.dumps(["file", str(path), st.st_size, st.st_mtime_ns])
+    cache = read_environment().cache_dir / "source-hashes.json"
+    try:
+        known = json.loads(cache.read_text())
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), str):
+        return known[key]
+    digest = known[key] = sha256_file(path)
+    try:
+        atomic.write_text(cache, json.dumps(known))
+    except OSError as e:
+        log.warning("could not cache the file hash in %s: %s", cache, e)
+    return digest
+
+
 def engines_key(key_file: str | Path | None = None) -> bytes | None:
     """The signing key: the file's contents (surrounding whitespace stripped) when given,
     else ``VPURE_ENGINES_KEY``; None when neither is set."""
@@ -183,10 +213,16 @@ def check_trust(path: Path, side: dict[str, Any], trust: Trust) -> None:
         if not hmac.compare_digest(sig, signature(side, trust.key)):
             raise ArtifactError(f"artefact {path.name}: its sidecar's signature does not verify with the engines "
                                 "key (edited after export, or signed with another key); refusing to run it")
-    if trust.source_sha256 is not None and side.get("source_sha256") != trust.source_sha256:
-        what = (f"artefact {path.name} was exported from weights with hash {str(side.get('source_sha256'))[:12]}..., "
-                f"but the deployment's weights hash to {trust.source_sha256[:12]}... (changed or retrained since "
-                "the export)")
+    field, want = "source_sha256", trust.source_sha256
+    source_id = trust.source_id() if callable(trust.source_id) and side.get("source_id") else trust.source_id
+    if source_id is not None and side.get("source_id") is not None:
+        field, want = "source_id", source_id
+    elif want is None and trust.state_hash is not None:
+        want = trust.state_hash()
+    if want is not None and side.get(field) != want:
+        kind, verb = ("hash", "hash to") if field == "source_sha256" else ("source id", "give source id")
+        what = (f"artefact {path.name} was exported from weights with {kind} {str(side.get(field))[:12]}..., "
+                f"but the deployment's weights {verb} {want[:12]}... (changed or retrained since the export)")
         if not trust.allow_stale:
             raise ArtifactError(f"{what}; re-export it, or run with --allow-stale to serve it anyway")
         log.warning("%s; serving it anyway (allow_stale)", what)

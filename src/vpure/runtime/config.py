@@ -48,6 +48,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if isinstance(tp, type) and issubclass(tp, ConfigBase):
         if isinstance(value, tp):
             return value
+        if isinstance(value, str) and hasattr(tp, "from_name"):  # a table that has named instances
+            return tp.from_name(value)
         check(isinstance(value, Mapping), f"{where}: expected a table, got {type(value).__name__}")
         return tp.from_dict(value, where=where)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):

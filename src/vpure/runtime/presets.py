@@ -108,24 +108,35 @@ def build(name: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = to
 
 
 def component_spec(name: str, component: str):
-    """The registry description of ``component`` re-profiled for preset ``name``'s clip size.
+    """The registry description of ``component`` re-profiled for preset ``name``'s clips
+    (:func:`profiled_spec`)."""
+    p = get(name)
+    return profiled_spec(component, p.frames, p.size, p.num_classes)
 
-    Registry profiles describe the tiny test configurations; a preset's modules take
-    ``frames`` frames at ``size`` pixels (latents at size/8). Only the profile changes (and
-    with it the artefact's profile id), so the one exporter and backends serve every preset.
+
+def profiled_spec(component: str, frames: int, size: int, num_classes: int):
+    """The registry description of ``component`` at the shapes the runtime calls it with for
+    ``frames``-frame clips at ``size`` pixels (latents at size/8) over ``num_classes`` classes.
+
+    Registry profiles describe the tiny test configurations; only the profile changes (and
+    with it the artefact's profile id), so the one exporter and backends serve every
+    deployment. RAFT's batch covers the T-1 frame pairs of a window in one call.
     """
     import dataclasses
 
     from . import registry
 
-    p, spec = get(name), registry.get(component)
-    s, z = p.size, p.size // 8
-    sizes = {"T": (1, p.frames, p.frames), "H": (s, s, s), "W": (s, s, s), "h": (z, z, z), "w": (z, z, z),
-             "K": (p.num_classes,) * 3}
+    spec = registry.get(component)
+    s, z = size, size // 8
+    sizes = {"T": (1, frames, frames), "H": (s, s, s), "W": (s, s, s), "h": (z, z, z), "w": (z, z, z),
+             "K": (num_classes,) * 3}
     if spec.role == registry.Role.EPS:
-        sizes["T"] = (2, p.frames, p.frames)
+        sizes["T"] = (2, frames, frames)
     elif spec.role == registry.Role.RECOGNIZER:  # clip recognisers need several frames (I3D: 3 or more)
-        sizes["T"] = (min(spec.profile["T"][0], p.frames), p.frames, p.frames)
+        lo, _, hi = spec.profile["T"]  # a fixed T (VideoMAE's position embeddings) stays fixed, at `frames`
+        sizes["T"] = (frames if lo == hi else min(lo, frames), frames, frames)
+    elif spec.role == registry.Role.FLOW:
+        sizes["B"] = (1, max(frames - 1, 1), max(frames - 1, 1))
     return dataclasses.replace(spec, profile={d: sizes.get(d, v) for d, v in spec.profile.items()})
 
 

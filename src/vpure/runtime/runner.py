@@ -35,7 +35,8 @@ from typing import Any, Callable, TextIO
 import torch
 
 from .config import ConfigBase, check
-from .errors import InputError, NonFiniteOutput, VpureError
+from .deployment import NETWORKS, ModelsConfig, Plan, registry_name
+from .errors import ConfigError, InputError, NonFiniteOutput, VpureError
 from .frame_caches import CachedFlow, CachedFrameLogits
 from .log import get_logger
 from .records import OutputClosed, OutputError, RecordSink
@@ -46,22 +47,24 @@ from .videopure import VideoPureConfig
 
 log = get_logger(__name__)
 
-MODEL_SETS = ("miniworld", "tiny")
 MAX_WINDOW = 512  # frames per clip: recognisers take 8-64; the bound keeps a typo from allocating gigabytes
 FLOWS = ("raft", "dis")
 
 
 @dataclass(frozen=True)
 class RunConfig(ConfigBase):
-    """Everything ``vpure run`` does, in one TOML-able object."""
+    """Everything ``vpure run`` does, in one TOML-able object. Paths in a TOML file are
+    relative to its folder (:meth:`load`)."""
 
-    window: int = 16  # frames per clip (the models' T)
-    stride: int = 8  # kept frames between clip starts
+    window: int | None = None  # frames per clip (default: the deployment's T)
+    stride: int | None = None  # kept frames between clip starts (default: half a window)
     stream: StreamConfig = field(default_factory=StreamConfig)
     shield: ShieldConfig = field(default_factory=ShieldConfig)
     videopure: VideoPureConfig = field(default_factory=lambda: VideoPureConfig(rescale_to_size=True))
-    flow: str = "raft"  # raft (the model set's trained RAFT) or dis (OpenCV DIS medium)
-    models: str = "miniworld"  # the shipped mini-world models, or tiny random-init ones (tests)
+    flow: str | None = None  # raft or dis (OpenCV DIS medium); default: the deployment's
+    # The deployment: "miniworld" (shipped, default), "tiny" (random-init test models) or a
+    # [models] table naming the user's own files (vpure.runtime.deployment).
+    models: ModelsConfig = field(default_factory=lambda: ModelsConfig(name="miniworld"))
     weights: Path | None = None  # mini-world weights folder (default: shipped)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # backend + precision per component
     max_consecutive_failures: int = 5
@@ -69,11 +72,35 @@ class RunConfig(ConfigBase):
     gate_ahead: bool = True
 
     def validate(self) -> None:
-        check(2 <= self.window <= MAX_WINDOW, f"RunConfig.window must be in [2, {MAX_WINDOW}], got {self.window}")
-        check(1 <= self.stride <= MAX_WINDOW, f"RunConfig.stride must be in [1, {MAX_WINDOW}], got {self.stride}")
-        check(self.flow in FLOWS, f"RunConfig.flow {self.flow!r} is not one of {FLOWS}")
-        check(self.models in MODEL_SETS, f"RunConfig.models {self.models!r} is not one of {MODEL_SETS}")
+        check(self.window is None or 2 <= self.window <= MAX_WINDOW,
+              f"RunConfig.window must be in [2, {MAX_WINDOW}], got {self.window}")
+        check(self.stride is None or 1 <= self.stride <= MAX_WINDOW,
+              f"RunConfig.stride must be in [1, {MAX_WINDOW}], got {self.stride}")
+        check(self.flow is None or self.flow in FLOWS, f"RunConfig.flow {self.flow!r} is not one of {FLOWS}")
         check(self.max_consecutive_failures >= 1, "RunConfig.max_consecutive_failures must be >= 1")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        """From a TOML file; its relative paths (models, weights, engines) are taken from its folder."""
+        cfg = super().load(path)
+        base = Path(path).resolve().parent
+
+        def fix(p: Path | None) -> Path | None:
+            return p if p is None or p.is_absolute() else base / p
+
+        runtime = cfg.runtime.replace(engines_dir=fix(cfg.runtime.engines_dir),
+                                      engines_key_file=fix(cfg.runtime.engines_key_file))
+        return cfg.replace(models=cfg.models.resolved(base), weights=fix(cfg.weights), runtime=runtime)
+
+    def resolved(self, plan: Plan) -> "RunConfig":
+        """Window, stride, frame size and flow filled in from the deployment where unset."""
+        window = self.window or plan.frames
+        flow = self.flow or plan.flow
+        if flow == "raft" and plan.flow != "raft":
+            raise ConfigError("RunConfig.flow = \"raft\" but the deployment has no RAFT ([models.flow] arch = "
+                              "\"raft\" with its weights)")
+        return self.replace(window=window, stride=self.stride or max(window // 2, 1), flow=flow,
+                            stream=self.stream if self.stream.size else self.stream.replace(size=plan.size))
 
 
 @dataclass
@@ -91,14 +118,14 @@ class Components:
     specs: dict[str, Any] = field(default_factory=dict)  # registry name -> spec with this set's profile
 
 
-# runner field -> registry component it deploys as
-REGISTRY_NAMES = {"frame_classifier": "frame_classifier", "recognizer": "i3d_nl5_r50", "unet": "unet",
-                  "encoder": "vae_encoder", "decoder": "vae_decoder", "comdefend": "comdefend", "raft": "raft"}
+# runner field -> registry component it deploys as (the shipped deployments' recogniser is an I3D)
+REGISTRY_NAMES = {f: registry_name(f) for f in NETWORKS}
 
 
-def load_components(cfg: RunConfig) -> Components:
-    """The model set ``cfg.models`` as torch modules, then engine backends where the runtime config says so."""
-    from . import presets, registry
+def load_components(cfg: RunConfig, plan: Plan | None = None) -> Components:
+    """The deployment ``cfg.models``: engine backends where the runtime config says so (no
+    torch module of theirs is built), torch modules for the rest."""
+    from . import deployment
     from .memory import retain_cpu_memory
 
     retain_cpu_memory()  # freed activations stay in the process: no fresh pages per call
@@ -108,69 +135,125 @@ def load_components(cfg: RunConfig) -> Components:
 
         raise BackendUnavailable(f"runtime.device is {cfg.runtime.device!r} but torch sees no CUDA device here "
                                  f"(torch {torch.__version__}); set device = \"cpu\" to run on the CPU")
+    plan = plan or deployment.plan(cfg.models, cfg.weights)
+    specs = {registry_name(f, plan.recognizer_component): plan.spec(f) for f in NETWORKS}
+    choices = {f: cfg.runtime.components.get(registry_name(f, plan.recognizer_component)) for f in NETWORKS}
+    flow = cfg.flow or plan.flow
+    built: dict[str, Any] = {}
 
-    if cfg.models == "miniworld":
-        from .miniworld.dataset import CLASSES
-        from .miniworld.models import load_world
+    def module(fld: str):
+        if fld not in built:
+            built[fld] = deployment.load_network(plan, fld, cfg.weights)
+        return built[fld]
 
-        w = load_world(cfg.weights, prepare=False)  # prepared below, per how each component is served
-        comps = Components(w.frame_classifier, w.recognizer, w.unet, w.encoder, w.decoder, w.comdefend, w.raft,
-                           CLASSES, {r: presets.component_spec("mini", r) for r in REGISTRY_NAMES.values()})
-    else:
-        comps = Components(*(registry.get(r).build(seed=0) for r in REGISTRY_NAMES.values()),
-                           specs={r: registry.get(r) for r in REGISTRY_NAMES.values()})
+    def engine(fld: str) -> bool:
+        c = choices[fld]
+        return c is not None and c.backend != "torch"
+
+    nets: dict[str, Any] = {}
+    for fld in NETWORKS:
+        if fld == "raft" and flow != "raft":
+            nets[fld] = None
+        elif engine(fld):
+            nets[fld] = None  # filled below, from its artefact
+        else:
+            nets[fld] = module(fld)
     from .models.inference import prepare_decoder, prepare_encoder, prepare_frame_classifier, prepare_recognizer
 
-    def torch_module(fld):  # served eagerly by torch: the eager rewrites apply (a compiled one keeps its layers)
-        choice, module = cfg.runtime.components.get(REGISTRY_NAMES[fld]), getattr(comps, fld)
-        return isinstance(module, torch.nn.Module) and (choice is None or choice.backend == "torch"
-                                                        and not choice.compile)
+    def eager(fld):  # served eagerly by torch: the eager rewrites apply (a compiled one keeps its layers)
+        c = choices[fld]
+        return isinstance(nets[fld], torch.nn.Module) and (c is None or not c.compile)
 
-    if torch_module("recognizer"):
-        prepare_recognizer(comps.recognizer)
-    if torch_module("frame_classifier"):
-        prepare_frame_classifier(comps.frame_classifier)
-    if torch_module("encoder"):
-        prepare_encoder(comps.encoder)
-    if torch_module("decoder"):
-        prepare_decoder(comps.decoder)
-    if torch_module("unet"):
+    for fld, prepare in (("recognizer", prepare_recognizer), ("frame_classifier", prepare_frame_classifier),
+                         ("encoder", prepare_encoder), ("decoder", prepare_decoder)):
+        if eager(fld):
+            prepare(nets[fld])
+    if eager("unet"):
         from .models.diffusion import EpsUNet
         from .models.rewrites import fold_temporal_convs, optimise_for_inference
 
-        if isinstance(comps.unet, EpsUNet):  # torch inference only: exporters see diffusers' modules
-            optimise_for_inference(comps.unet)
+        if isinstance(nets["unet"], EpsUNet):  # torch inference only: exporters see diffusers' modules
+            optimise_for_inference(nets["unet"])
         else:
-            fold_temporal_convs(comps.unet)
+            fold_temporal_convs(nets["unet"])
     if device.type != "cpu":  # torch-served modules run where the runtime says, not silently on the CPU
-        for fld in REGISTRY_NAMES:
-            if isinstance(getattr(comps, fld), torch.nn.Module):
-                setattr(comps, fld, getattr(comps, fld).to(device))
+        for fld in NETWORKS:
+            if isinstance(nets[fld], torch.nn.Module):
+                nets[fld] = nets[fld].to(device)
     key = None
-    for fld, reg in REGISTRY_NAMES.items():
-        choice = cfg.runtime.components.get(reg)
-        if choice is None or choice.backend == "torch" and choice.precision.value == "fp32" and not choice.compile:
+    for fld in NETWORKS:
+        choice = choices[fld]
+        if (fld == "raft" and flow != "raft") or choice is None or (
+                choice.backend == "torch" and choice.precision.value == "fp32" and not choice.compile):
             continue
         from .artifacts import Trust, engines_key, source_hash
         from .backends import as_module_call, create_backend
 
-        spec, module, trust = comps.specs[reg], getattr(comps, fld), None
+        spec, trust = specs[registry_name(fld, plan.recognizer_component)], None
         if choice.backend != "torch":  # an engine: it must come from these weights (and be signed, with a key)
             key = key or engines_key(cfg.runtime.engines_key_file)
-            trust = Trust(source_hash(module, _weight_files(cfg, fld)), key, cfg.runtime.allow_stale)
-        backend = create_backend(spec, choice, module=module, device=cfg.runtime.device,
+            files = plan.files.get(fld, [])
+            trust = Trust(key=key, allow_stale=cfg.runtime.allow_stale, source_id=lambda fld=fld: plan.source_id(fld),
+                          state_hash=lambda fld=fld, files=files: source_hash(module(fld), files))
+        backend = create_backend(spec, choice, module=nets[fld], device=cfg.runtime.device,
                                  engines_dir=cfg.runtime.engines_dir, reuse_outputs=False, trust=trust)
-        setattr(comps, fld, as_module_call(backend))
-    return comps
+        nets[fld] = as_module_call(backend)
+    return Components(nets["frame_classifier"], nets["recognizer"], nets["unet"], nets["encoder"], nets["decoder"],
+                      nets["comdefend"], nets["raft"], plan.class_names, specs)
 
 
-def _weight_files(cfg: RunConfig, fld: str) -> list[Path]:
-    """The files component ``fld`` of the model set was loaded from (none for random-init ones)."""
-    if cfg.models != "miniworld":
-        return []
-    from .miniworld.models import weights_path
+def serve_from_engines(cfg: RunConfig, engines_dir: Path, precision: str = "fp32",
+                       backend: str = "onnxruntime") -> RunConfig:
+    """``cfg`` serving every network of its deployment from ``engines_dir`` at ``precision``,
+    except the networks its ``runtime.components`` already choose (they are kept).
 
-    return [weights_path({"encoder": "vae", "decoder": "vae"}.get(fld, fld), cfg.weights)]
+    With an engines manifest (``vpure export --deployment``), each network's artefact and
+    its int8 calibration come from it; a network whose component offers no such precision
+    (say RAFT in int8) is served at the best precision exported for it, with a log line.
+    Without one, every network is asked for ``precision`` with the default recipe.
+    """
+    from . import deployment, manifest, registry
+    from .precision import CalibrationRecipe
+    from .runconfig import ComponentChoice
+
+    engines_dir = Path(engines_dir)
+    if not engines_dir.is_dir():
+        raise ConfigError(f"engines folder {engines_dir} does not exist")
+    plan = deployment.plan(cfg.models, cfg.weights)
+    data = manifest.read(engines_dir)
+    if data is not None and data["deployment"].get("id") != plan.identity():
+        what = (f"the engines in {engines_dir} were exported for deployment {data['deployment'].get('name')!r} "
+                f"({data['deployment'].get('frames')} frames at {data['deployment'].get('size')} px, id "
+                f"{str(data['deployment'].get('id'))[:12]}...), not this run's ({plan.frames} frames at {plan.size} "
+                f"px, id {plan.identity()[:12]}...)")
+        if not cfg.runtime.allow_stale:
+            raise ConfigError(f"{what}; export this deployment there, or pass --allow-stale")
+        log.warning("%s; serving them anyway (allow_stale)", what)
+    flow = cfg.flow or plan.flow
+    comps = dict(cfg.runtime.components)
+    for net in NETWORKS:
+        reg = registry_name(net, plan.recognizer_component)
+        if reg in comps or (net == "raft" and flow != "raft") or (net == "comdefend" and not plan.has(net)):
+            continue
+        if data is None:
+            comps[reg] = ComponentChoice(backend=backend, precision=precision)
+            continue
+        arts = data["networks"].get(net, {}).get("artefacts", {})
+        want = precision
+        if want not in arts and want not in registry.get(reg).precisions:
+            best = next((p for p in ("fp16", "fp32") if p in arts), None)
+            if best is not None:
+                log.info("%s offers no %s artefacts; serving it at %s", reg, want, best)
+                want = best
+        if want not in arts:
+            raise ConfigError(f"{engines_dir} has no {precision} artefact for the {net} ({reg}); it has "
+                              f"{', '.join(sorted(arts)) or 'none'}: run vpure export --deployment ... --precision "
+                              f"{precision} --out {engines_dir}")
+        cal = arts[want].get("calibration")
+        comps[reg] = ComponentChoice(backend=backend, precision=want,
+                                     calibration=CalibrationRecipe.from_dict(cal) if cal else None)
+    runtime = cfg.runtime.replace(engines_dir=engines_dir, components=comps)
+    return cfg.replace(runtime=runtime)
 
 
 def build_shield(comps: Components, cfg: RunConfig):
@@ -194,6 +277,9 @@ def build_shield(comps: Components, cfg: RunConfig):
                                   for i in range(0, len(a), step)])[None]
     else:
         base = DISFlow("medium")
+    if cfg.shield.dense == "comdefend" and comps.comdefend is None:
+        raise ConfigError("shield.dense = \"comdefend\" but the deployment has no ComDefend ([models.comdefend] "
+                          "weights = \"...\")")
     flow = CachedFlow(base)
     vp = VideoPure(_eps_fn(comps.unet), comps.encoder, comps.decoder, comps.recognizer, flow, cfg.videopure)
     frames = CachedFrameLogits(comps.frame_classifier, cfg.shield.detection.frames_per_call)
@@ -269,8 +355,11 @@ class Runner:
     """Loaded once, then :meth:`run` over any number of inputs."""
 
     def __init__(self, cfg: RunConfig, components: Components | None = None):
-        self.cfg = cfg
-        self.components = components or load_components(cfg)
+        from .deployment import plan
+
+        deployment = plan(cfg.models, cfg.weights)
+        self.cfg = cfg = cfg.resolved(deployment)
+        self.components = components or load_components(cfg, deployment)
         self.shield, self.flow = build_shield(self.components, cfg)
         self.device = torch.device(cfg.runtime.device)
         self.frames = self.shield.detector.frame_classifier  # the CachedFrameLogits

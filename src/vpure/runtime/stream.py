@@ -39,6 +39,7 @@ from .video import open_video
 log = get_logger(__name__)
 
 RESIZE_POLICIES = ("center_crop", "resize", "pad")
+DEFAULT_SIZE = 64  # read outside a deployment (the mini-world's)
 MAX_SIZE = 1024  # the models' input side: larger is no recogniser's input and an allocation hazard
 MAX_QUEUE_FRAMES = 4096
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -49,7 +50,7 @@ URL_SCHEMES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", 
 class StreamConfig(ConfigBase):
     """How frames are taken from the input and brought to the models' input size."""
 
-    size: int = 64  # frames are size x size after the policy
+    size: int | None = None  # frames are size x size after the policy (None: the deployment's, else 64)
     resize: str = "center_crop"  # center_crop: square centre crop then area resize; resize: squash; pad: letterbox
     frame_step: int = 1  # keep every k-th decoded frame (frame sampling rate = source fps / k)
     queue_frames: int = 64  # bound of the decode queue
@@ -64,7 +65,8 @@ class StreamConfig(ConfigBase):
     read_timeout_s: float = 10.0  # a stream URL that sends nothing this long has stalled
 
     def validate(self) -> None:
-        check(8 <= self.size <= MAX_SIZE, f"StreamConfig.size must be in [8, {MAX_SIZE}], got {self.size}")
+        check(self.size is None or 8 <= self.size <= MAX_SIZE,
+              f"StreamConfig.size must be in [8, {MAX_SIZE}], got {self.size}")
         check(1 <= self.min_input_size <= 4096, f"StreamConfig.min_input_size must be in [1, 4096], got "
                                                 f"{self.min_input_size}")
         check(0 < self.read_timeout_s <= 600, f"StreamConfig.read_timeout_s must be in (0, 600], got {self.read_timeout_s}")
@@ -73,6 +75,10 @@ class StreamConfig(ConfigBase):
         check(1 <= self.queue_frames <= MAX_QUEUE_FRAMES,
               f"StreamConfig.queue_frames must be in [1, {MAX_QUEUE_FRAMES}], got {self.queue_frames}")
         check(self.max_consecutive_errors >= 1, "StreamConfig.max_consecutive_errors must be >= 1")
+
+    @property
+    def frame_size(self) -> int:
+        return self.size or DEFAULT_SIZE
 
 
 @dataclass
@@ -207,7 +213,7 @@ def frames(source: str | Path, cfg: StreamConfig, stats: StreamStats | None = No
             continue
         if i % cfg.frame_step:
             continue
-        yield Frame(stats.kept, t, fit_frame(rgb, cfg.size, cfg.resize))
+        yield Frame(stats.kept, t, fit_frame(rgb, cfg.frame_size, cfg.resize))
         stats.kept += 1
     if stats.kept == 0 and stats.too_small:
         raise InputError(f"{src}: every frame is smaller than the minimum input size of {cfg.min_input_size} px "

@@ -9,47 +9,63 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="video file (anything PyAV decodes), folder of frames, or stream URL")
     p.add_argument("--config", type=Path, default=None, help="RunConfig TOML (windows, stream, shield, backends)")
+    dep = p.add_mutually_exclusive_group()
+    dep.add_argument("--deployment", default=None, metavar="NAME|FILE",
+                     help="the networks: 'miniworld' (default), 'tiny' (test models), or a TOML file whose "
+                          "[models] table names your own (with no --config, the file is the configuration too)")
+    dep.add_argument("--tiny", action="store_true", help="same as --deployment tiny")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--engines", type=Path, default=None,
-                     help="run every component from ONNX Runtime fp32 artefacts in this folder")
+                     help="serve every network from the artefacts in this folder (ONNX Runtime), except those "
+                          "[runtime.components.*] of --config chooses otherwise")
     src.add_argument("--torch", action="store_true", help="run every component in torch (the default)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+                   help="with --engines: the artefacts' precision (default fp32); a network exported without it "
+                        "is named, or served at fp32 when its component offers no such precision")
     p.add_argument("--out", type=Path, default=None, help="append JSON lines here (default: stdout)")
     p.add_argument("--allow-stale", action="store_true",
                    help="serve engines exported from other weights than the ones loaded (refused otherwise)")
-    p.add_argument("--window", type=int, default=None, help="frames per clip (default 16)")
-    p.add_argument("--stride", type=int, default=None, help="frames between clip starts (default 8)")
+    p.add_argument("--window", type=int, default=None, help="frames per clip (default: the recogniser's)")
+    p.add_argument("--stride", type=int, default=None, help="frames between clip starts (default: half a window)")
     p.add_argument("--frame-step", type=int, default=None, help="keep every k-th decoded frame (default 1)")
     p.add_argument("--realtime", action="store_true",
                    help="hand frames over at the file's frame rate, as a live camera would")
-    p.add_argument("--tiny", action="store_true", help="tiny random-init models instead of the mini-world ones")
-    p.add_argument("--flow", choices=("raft", "dis"), default=None, help="flow for VideoPure (default raft)")
+    p.add_argument("--flow", choices=("raft", "dis"), default=None, help="flow for VideoPure (default: the deployment's)")
 
 
 def config_from_args(args: argparse.Namespace):
+    from ..deployment import read_deployment
     from ..errors import ConfigError
-    from ..runconfig import ComponentChoice, RuntimeConfig
-    from ..runner import REGISTRY_NAMES, RunConfig
+    from ..runconfig import RuntimeConfig
+    from ..runner import RunConfig, serve_from_engines
 
-    cfg = RunConfig.load(args.config) if args.config else RunConfig()
+    ref = "tiny" if getattr(args, "tiny", False) else getattr(args, "deployment", None)
+    if args.config:
+        cfg = RunConfig.load(args.config)
+    elif ref is not None and Path(ref).is_file():
+        cfg = RunConfig.load(ref)  # a deployment file is a run configuration
+    else:
+        cfg = RunConfig()
     changes = {k: v for k, v in (("window", args.window), ("stride", args.stride), ("flow", args.flow))
                if v is not None}  # an explicit 0 reaches the config's check instead of meaning "default"
-    if args.tiny:
-        changes["models"] = "tiny"
+    if ref is not None:
+        changes["models"] = read_deployment(ref)
     stream = {"frame_step": args.frame_step} if args.frame_step is not None else {}
     if args.realtime:
         stream["realtime"] = True
     if stream:
         changes["stream"] = cfg.stream.replace(**stream)
-    if args.engines:
-        if not args.engines.is_dir():
-            raise ConfigError(f"engines folder {args.engines} does not exist")
-        changes["runtime"] = RuntimeConfig(device=cfg.runtime.device, engines_dir=args.engines, components={
-            r: ComponentChoice(backend="onnxruntime") for r in REGISTRY_NAMES.values()})
-    elif args.torch:
+    if args.precision and not args.engines:
+        raise ConfigError("--precision chooses the artefacts of --engines DIR; give the folder too "
+                          "(torch precisions are set per component in [runtime.components.*])")
+    if args.torch:
         changes["runtime"] = RuntimeConfig(device=cfg.runtime.device)
     if args.allow_stale:
         changes["runtime"] = changes.get("runtime", cfg.runtime).replace(allow_stale=True)
-    return cfg.replace(**changes) if changes else cfg
+    cfg = cfg.replace(**changes) if changes else cfg
+    if args.engines:
+        cfg = serve_from_engines(cfg, args.engines, args.precision or "fp32")
+    return cfg
 
 
 # Exit statuses: 0 done, 1 nothing could be classified, 2 bad usage (the CLI's), 74 the
