@@ -67,9 +67,11 @@ def test_two_exports_into_one_folder_at_once_both_succeed(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
-    from vpure.runtime import artifacts, registry
+    from vpure.runtime import artifacts
+    from vpure.runtime.deployment import ModelsConfig, plan
     from vpure.runtime.precision import Precision
 
+    tiny = plan(ModelsConfig.from_name("tiny"))
     for name in ("frame_classifier", "comdefend"):
-        spec = registry.get(name)
+        spec = tiny.spec(name)
         artifacts.verify(artifacts.find_artifact(tmp_path, spec, Precision.FP32), spec, Precision.FP32)

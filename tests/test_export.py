@@ -130,12 +130,14 @@ def test_videopure_on_onnxruntime_matches_torch(engines, data_dir):
 def test_export_cli(tmp_path, capsys):
     from vpure.runtime.cli import main
 
-    code = main(["export", "--tiny", "--components", "frame_classifier,raft", "--precision", "fp32,int8",
-                 "--out", str(tmp_path)])
+    code = main(["export", "--tiny", "--components", "frame_classifier,comdefend", "--precision", "fp32,int8",
+                 "--check-clips", "2", "--out", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
-    assert "| frame_classifier | int8 |" in out and "skipping raft int8" in out
-    assert len(list(tmp_path.glob("*.onnx"))) == 3 and len(list(tmp_path.glob("*.json"))) == 3
+    assert "| frame_classifier | int8 |" in out and "the gate's route kept on" in out
+    assert len(list(tmp_path.glob("*.onnx"))) == 4 and len(list(tmp_path.glob("*.json"))) == 5  # + engines.json
+    assert main(["export", "--tiny", "--components", "raft", "--out", str(tmp_path)]) == 2
+    assert "'raft' is not a network of this deployment" in capsys.readouterr().err  # tiny runs DIS flow
 
 
 def test_export_cli_refuses_arguments_it_would_ignore_or_trip_on(tmp_path, capsys):
@@ -144,7 +146,7 @@ def test_export_cli_refuses_arguments_it_would_ignore_or_trip_on(tmp_path, capsy
     (tmp_path / "file").write_text("x")
     fc = ["export", "--components", "frame_classifier"]
     for argv, needle in (
-            ([*fc, "--tiny", "--checkpoint", f"frame_classifier={tmp_path}", "--out", str(tmp_path)], "--tiny exports its own"),
+            ([*fc, "--tiny", "--checkpoint", f"frame_classifier={tmp_path}", "--out", str(tmp_path)], "a deployment names its own weights"),
             ([*fc, "--model-dir", str(tmp_path), "--checkpoint", "frame_classifier=/nowhere.pth", "--out", str(tmp_path)],
              "no such file"),
             ([*fc, "--tiny", "--out", str(tmp_path / "file")], "is a file, not an artefact folder")):
@@ -342,14 +344,18 @@ def test_an_int8_unet_that_flips_videopures_label_is_removed_and_the_export_fail
     import vpure.export.report as report
     from vpure.runtime.cli import main
 
-    real = report.unet_member_effect
+    real = report.videopure_effect
 
     def flipped(*args, **kwargs):
         e = real(*args, **kwargs)
         return e | {"members_agree": 5, "label_engine": e["label_torch"] + 1, "frames_sqnr_db": 13.8}
 
-    monkeypatch.setattr(report, "unet_member_effect", flipped)
-    assert main(["export", "--tiny", "--components", "unet", "--precision", "fp32", "--out", str(tmp_path)]) == 1
+    monkeypatch.setattr(report, "videopure_effect", flipped)
+    argv = ["export", "--tiny", "--components", "unet", "--precision", "fp16", "--check-clips", "2", "--out", str(tmp_path)]
+    assert main(argv) == 1
     out = capsys.readouterr().out
     assert "5/7 VideoPure members agree" in out and "flips VideoPure's label" in out and "removed" in out
     assert not list(tmp_path.glob("unet.*.onnx")) and not list(tmp_path.glob("unet.*.json"))
+    assert "fp16" not in json.loads((tmp_path / "engines.json").read_text())["networks"].get("unet", {}).get("artefacts", {})
+    assert main(argv + ["--allow-degraded"]) == 0  # kept on request, and said so
+    assert "DEGRADED" in capsys.readouterr().out and list(tmp_path.glob("unet.fp16.*.onnx"))

@@ -143,12 +143,15 @@ def _check_parity(spec: ComponentSpec, precision: Precision, parity: dict[str, A
 def export_component(spec: ComponentSpec, module: torch.nn.Module, out_dir: str | Path,
                      precision: Precision | str = Precision.FP32, *, calibration: CalibrationRecipe | None = None,
                      source: str = "random-init", force: bool = False,
-                     companions: Mapping[str, Any] | None = None, key: bytes | None = None) -> Path:
+                     companions: Mapping[str, Any] | None = None, key: bytes | None = None,
+                     source_id: str | None = None) -> Path:
     """Export ``module`` (the component's torch module) to ``out_dir``; returns the ONNX path.
 
     ``companions`` maps other component names to their torch modules, for int8 calibration
     from clips of latent-space components (the UNet and VAE decoder need the VAE encoder).
-    ``key`` signs the sidecar (:mod:`vpure.runtime.artifacts`, signed folders).
+    ``key`` signs the sidecar (:mod:`vpure.runtime.artifacts`, signed folders). ``source_id``
+    is the deployment's identity of the weights (:meth:`~vpure.runtime.deployment.Plan.source_id`),
+    by which the runtime judges staleness without building the network.
     """
     precision = Precision.parse(precision)
     if precision.value not in spec.precisions:
@@ -163,7 +166,7 @@ def export_component(spec: ComponentSpec, module: torch.nn.Module, out_dir: str 
     if final.is_file() and not force:
         try:
             side = artifacts.verify(final, spec, precision, recipe, trust=artifacts.Trust(key=key))
-            if side.get("source_sha256") == source_hash:
+            if side.get("source_sha256") == source_hash and side.get("source_id") == source_id:
                 log.info("reusing %s", final.name)
                 return final
         except ArtifactError as e:
@@ -188,6 +191,7 @@ def export_component(spec: ComponentSpec, module: torch.nn.Module, out_dir: str 
         "inputs": list(spec.input_names), "outputs": list(spec.output_names),
         "toolchain": artifacts.toolchain(), "exporter": spec.exporter, "exporter_reason": spec.exporter_reason,
         "opset": spec.opset, "source": source, "source_sha256": source_hash,
+        "source_id": source_id,
         "onnx_sha256": hashlib.sha256(data).hexdigest(), "parity": parity, "kept_fp32": kept,
     }
     atomic.write_bytes(final, data)

@@ -320,8 +320,8 @@ def plan(models: ModelsConfig, weights: Path | None = None, *, window: int | Non
 
         files = {n: [weights_path({"encoder": "vae", "decoder": "vae"}.get(n, n), weights)] for n in NETWORKS}
         return Plan(models, 16, 64, NUM_CLASSES, tuple(CLASSES), files=files)
-    if models.builtin == "tiny":
-        return Plan(models, 8, 64, 5)
+    if models.builtin == "tiny":  # its RAFT needs 128 px or more: 64-pixel clips take DIS flow
+        return Plan(models, 8, 64, 5, flow="dis")
     rm = models.recognizer
     info = ARCH_INFO[rm.arch]
     frames, size = rm.frames or info.frames, rm.size or info.size

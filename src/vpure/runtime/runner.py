@@ -47,6 +47,7 @@ from .videopure import VideoPureConfig
 
 log = get_logger(__name__)
 
+PRECISION_ORDER = ("int8", "fp16", "fp32")  # an unavailable precision falls back to the next one
 MAX_WINDOW = 512  # frames per clip: recognisers take 8-64; the bound keeps a typo from allocating gigabytes
 FLOWS = ("raft", "dis")
 
@@ -240,15 +241,16 @@ def serve_from_engines(cfg: RunConfig, engines_dir: Path, precision: str = "fp32
             continue
         arts = data["networks"].get(net, {}).get("artefacts", {})
         want = precision
-        if want not in arts and want not in registry.get(reg).precisions:
-            best = next((p for p in ("fp16", "fp32") if p in arts), None)
-            if best is not None:
-                log.info("%s offers no %s artefacts; serving it at %s", reg, want, best)
-                want = best
-        if want not in arts:
-            raise ConfigError(f"{engines_dir} has no {precision} artefact for the {net} ({reg}); it has "
-                              f"{', '.join(sorted(arts)) or 'none'}: run vpure export --deployment ... --precision "
-                              f"{precision} --out {engines_dir}")
+        if want not in arts:  # not offered for this component, or refused by the export's checks
+            best = next((p for p in PRECISION_ORDER[PRECISION_ORDER.index(want):] if p in arts), None)
+            if best is None:
+                raise ConfigError(f"{engines_dir} has no {precision} artefact for the {net} ({reg}); it has "
+                                  f"{', '.join(sorted(arts)) or 'none'}: run vpure export --deployment ... "
+                                  f"--precision {precision} --out {engines_dir}")
+            why = ("offers no" if want not in registry.get(reg).precisions else
+                   "has no exported (or no accepted: see the export's report)")
+            log.warning("the %s (%s) %s %s artefact in %s; serving it at %s", net, reg, why, want, engines_dir, best)
+            want = best
         cal = arts[want].get("calibration")
         comps[reg] = ComponentChoice(backend=backend, precision=want,
                                      calibration=CalibrationRecipe.from_dict(cal) if cal else None)
