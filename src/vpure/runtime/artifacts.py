@@ -121,58 +121,47 @@ def state_hash(module) -> str:
     return h.hexdigest()
 
 
-def source_hash(module, files: Iterable[str | Path] = ()) -> str:
-    """:func:`state_hash` of ``module``, cached by the (path, size, mtime) of the ``files`` it
-    was loaded from; computed afresh when no file is given."""
+def _cached_digest(key: list, compute: Callable[[], str]) -> str:
+    """``compute()``, remembered under ``key`` (paths with their sizes and modification times)
+    in the cache folder's ``source-hashes.json``: large weights are hashed once, not at every start."""
     from . import atomic
     from .env import read_environment
 
+    key_text = json.dumps(key)
+    cache = read_environment().cache_dir / "source-hashes.json"
+    try:
+        known = json.loads(cache.read_text())
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key_text), str):
+        return known[key_text]
+    digest = known[key_text] = compute()
+    try:
+        atomic.write_text(cache, json.dumps(known))
+    except OSError as e:
+        log.warning("could not cache the hash in %s: %s", cache, e)
+    return digest
+
+
+def source_hash(module, files: Iterable[str | Path] = ()) -> str:
+    """:func:`state_hash` of ``module``, cached by the (path, size, mtime) of the ``files`` it
+    was loaded from; computed afresh when no file is given."""
     files = [Path(f).resolve() for f in files]
     if not files:
         return state_hash(module)
     try:
-        key = json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+        key = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     except OSError:
         return state_hash(module)
-    cache = read_environment().cache_dir / "source-hashes.json"
-    try:
-        known = json.loads(cache.read_text())
-        known = known if isinstance(known, dict) else {}
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known.get(key), str):
-        return known[key]
-    digest = known[key] = state_hash(module)
-    try:
-        atomic.write_text(cache, json.dumps(known))
-    except OSError as e:
-        log.warning("could not cache the source hash in %s: %s", cache, e)
-    return digest
+    return _cached_digest(key, lambda: state_hash(module))
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes, cached by its path, size and modification time (weights are
-    hashed once, not at every start)."""
-    from . import atomic
-    from .env import read_environment
-
+    """sha256 of a file's bytes, cached by its path, size and modification time."""
     path = Path(path).resolve()
     st = path.stat()
-    key = json.dumps(["file", str(path), st.st_size, st.st_mtime_ns])
-    cache = read_environment().cache_dir / "source-hashes.json"
-    try:
-        known = json.loads(cache.read_text())
-        known = known if isinstance(known, dict) else {}
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known.get(key), str):
-        return known[key]
-    digest = known[key] = sha256_file(path)
-    try:
-        atomic.write_text(cache, json.dumps(known))
-    except OSError as e:
-        log.warning("could not cache the file hash in %s: %s", cache, e)
-    return digest
+    return _cached_digest(["file", str(path), st.st_size, st.st_mtime_ns], lambda: sha256_file(path))
 
 
 def engines_key(key_file: str | Path | None = None) -> bytes | None:

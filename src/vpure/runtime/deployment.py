@@ -28,6 +28,7 @@ never built in torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -287,14 +288,23 @@ def _recognizer_classes(rm: RecognizerModel) -> int:
 
 
 def _classifier_rows(rm: RecognizerModel) -> int:
+    path = _exists(rm.weights, "models.recognizer.weights")
+    st = path.stat()
+    return _rows(path.resolve(), st.st_size, st.st_mtime_ns, rm.arch)
+
+
+@functools.lru_cache(maxsize=8)
+def _rows(path: Path, size: int, mtime_ns: int, arch: str) -> int:
+    """The checkpoint's class count, read once per file version (a run plans its deployment
+    for the engines choice and again for the runner)."""
     from .checkpoint import read_state_dict
 
-    state, _ = read_state_dict(_exists(rm.weights, "models.recognizer.weights"))
-    key = "blocks.6.proj.weight" if rm.arch == "slowfast_r50" else "fc.weight"
+    state, _ = read_state_dict(path)
+    key = "blocks.6.proj.weight" if arch == "slowfast_r50" else "fc.weight"
     if key not in state:
         other = "fc.weight" if key != "fc.weight" else "blocks.6.proj.weight"
         hint = f" (it has {other}: another arch's checkpoint?)" if other in state else ""
-        raise CheckpointError(f"models.recognizer.weights {rm.weights}: no {key}, not a {rm.arch} checkpoint{hint}")
+        raise CheckpointError(f"models.recognizer.weights {path}: no {key}, not a {arch} checkpoint{hint}")
     return int(state[key].shape[0])
 
 

@@ -155,4 +155,3 @@ def parity_batches(spec: ComponentSpec, recipe: CalibrationRecipe | None,
         raise ArtifactError(f"{spec.name}: no held-out clip windows left after {recipe.count} calibration samples "
                             f"in {recipe.source}; add videos or lower the count")
     return out
-

@@ -39,7 +39,7 @@ def config_from_args(args: argparse.Namespace):
     from ..runconfig import RuntimeConfig
     from ..runner import RunConfig, serve_from_engines
 
-    ref = "tiny" if getattr(args, "tiny", False) else getattr(args, "deployment", None)
+    ref = "tiny" if args.tiny else args.deployment
     if args.config:
         cfg = RunConfig.load(args.config)
     elif ref is not None and Path(ref).is_file():
